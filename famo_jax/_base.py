@@ -1,0 +1,74 @@
+"""The loss-weighting protocol shared by FAMO and the loss-weighting baselines."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+from jax.typing import ArrayLike
+
+State = Any  # A pytree, usually a NamedTuple of arrays.
+
+
+class InitFn(Protocol):
+    def __call__(self) -> State:
+        """Returns the initial state of the weighting."""
+
+
+class WeighFn(Protocol):
+    def __call__(self, losses: ArrayLike, state: State) -> jax.Array:
+        """Returns the scalar weighted loss; differentiate it to train the model."""
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, prev_losses: ArrayLike, curr_losses: ArrayLike, state: State
+    ) -> State:
+        """Returns the next state from the task losses before and after a step."""
+
+
+class LossWeighting(NamedTuple):
+    """A loss weighting: three pure functions, in the spirit of optax.
+
+    A loss weighting turns the vector of task losses into one scalar loss whose
+    gradient is a weighted combination of the task gradients, so the model needs
+    a single backward pass whatever the number of tasks (O(1) in k).
+
+    Attributes:
+      init: ``init() -> state``.
+      weigh: ``weigh(losses, state) -> scalar``; differentiable w.r.t.
+        ``losses``, its gradient w.r.t. ``losses`` is the vector of effective
+        task weights (see :func:`loss_weights`).
+      update: ``update(prev_losses, curr_losses, state) -> state``: advances the
+        weighting once the model has taken a step. ``prev_losses`` are the losses
+        the step was computed from; ``curr_losses`` the losses after it.
+    """
+
+    init: InitFn
+    weigh: WeighFn
+    update: UpdateFn
+
+
+def loss_weights(weighting: LossWeighting, losses: ArrayLike, state: State) -> jax.Array:
+    r"""Returns the effective task weights :math:`\partial\,\mathrm{weigh}/\partial l`.
+
+    The model's gradient of ``weighting.weigh(losses, state)`` equals
+    :math:`\sum_i w_i \nabla l_i` with these :math:`w`. For FAMO they are
+    :math:`w_i = c\,z_i / (l_i - m_i + \epsilon)` and sum to one.
+
+    Args:
+      weighting: a :class:`LossWeighting`.
+      losses: shape ``(num_tasks,)`` task losses.
+      state: the weighting's state.
+
+    Returns:
+      Shape ``(num_tasks,)`` weights, same dtype as ``losses``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import famo_jax
+      >>> w = famo_jax.famo(2)
+      >>> famo_jax.loss_weights(w, jnp.array([1.0, 4.0]), w.init())
+      Array([0.8, 0.2], dtype=float32)
+    """
+    return jax.grad(weighting.weigh)(losses, state)
