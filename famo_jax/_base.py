@@ -21,9 +21,7 @@ class WeighFn(Protocol):
 
 
 class UpdateFn(Protocol):
-    def __call__(
-        self, prev_losses: ArrayLike, curr_losses: ArrayLike, state: State
-    ) -> State:
+    def __call__(self, prev_losses: ArrayLike, curr_losses: ArrayLike, state: State) -> State:
         """Returns the next state from the task losses before and after a step."""
 
 

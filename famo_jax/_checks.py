@@ -16,76 +16,76 @@ import numpy as np
 
 
 def check_num_tasks(num_tasks: Any) -> int:
-  """Returns ``num_tasks`` as an int, or raises if it is not a positive int."""
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
-    raise TypeError(
-        f"num_tasks must be a positive int, got {num_tasks!r} "
-        f"of type {type(num_tasks).__name__}."
-    )
-  if num_tasks < 1:
-    raise ValueError(f"num_tasks must be a positive int, got {num_tasks}.")
-  return int(num_tasks)
+    """Returns ``num_tasks`` as an int, or raises if it is not a positive int."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
+        raise TypeError(
+            f"num_tasks must be a positive int, got {num_tasks!r} "
+            f"of type {type(num_tasks).__name__}."
+        )
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks}.")
+    return int(num_tasks)
 
 
 def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) -> Any:
-  """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
-  if allow_callable and callable(value):
+    """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
+    if allow_callable and callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
+        raise TypeError(f"{name} must be {expected}, got {value!r}.")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
     return value
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
-    raise TypeError(f"{name} must be {expected}, got {value!r}.")
-  if not np.isfinite(value) or value < 0:
-    raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-  return value
 
 
 def check_task_vector(name: str, value: Any, num_tasks: int) -> np.ndarray:
-  """Returns a hyperparameter given per task (or as a scalar) as a float64 vector."""
-  try:
-    array = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError) as err:
-    raise TypeError(
-        f"{name} must be a number or a sequence of {num_tasks} numbers, got {value!r}."
-    ) from err
-  if array.ndim == 0:
-    array = np.full((num_tasks,), float(array))
-  if array.shape != (num_tasks,):
-    raise ValueError(
-        f"{name} must be a scalar or have shape (num_tasks,) = ({num_tasks},), "
-        f"got shape {array.shape}."
-    )
-  if not np.all(np.isfinite(array)):
-    raise ValueError(f"{name} must be finite, got {array}.")
-  return array
+    """Returns a hyperparameter given per task (or as a scalar) as a float64 vector."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be a number or a sequence of {num_tasks} numbers, got {value!r}."
+        ) from err
+    if array.ndim == 0:
+        array = np.full((num_tasks,), float(array))
+    if array.shape != (num_tasks,):
+        raise ValueError(
+            f"{name} must be a scalar or have shape (num_tasks,) = ({num_tasks},), "
+            f"got shape {array.shape}."
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be finite, got {array}.")
+    return array
 
 
 def check_losses(name: str, losses: Any, num_tasks: int) -> jax.Array:
-  """Checks the static shape and dtype of a loss vector and returns it as an array.
+    """Checks the static shape and dtype of a loss vector and returns it as an array.
 
-  Args:
-    name: the argument name used in error messages.
-    losses: array-like of task losses.
-    num_tasks: the expected length.
+    Args:
+      name: the argument name used in error messages.
+      losses: array-like of task losses.
+      num_tasks: the expected length.
 
-  Returns:
-    ``losses`` as a ``jax.Array`` of a floating dtype.
+    Returns:
+      ``losses`` as a ``jax.Array`` of a floating dtype.
 
-  Raises:
-    TypeError: if the dtype is not a real floating dtype.
-    ValueError: if the shape is not ``(num_tasks,)``.
-  """
-  dtype = getattr(losses, "dtype", None)
-  if dtype is None:
-    losses = jnp.asarray(losses, dtype=jnp.result_type(float))
-    dtype = losses.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
-        f"float64), got {dtype}."
-    )
-  shape = jnp.shape(losses)
-  if shape != (num_tasks,):
-    raise ValueError(
-        f"{name} must have shape (num_tasks,) = ({num_tasks},), got shape {shape}."
-    )
-  return jnp.asarray(losses)
+    Raises:
+      TypeError: if the dtype is not a real floating dtype.
+      ValueError: if the shape is not ``(num_tasks,)``.
+    """
+    dtype = getattr(losses, "dtype", None)
+    if dtype is None:
+        losses = jnp.asarray(losses, dtype=jnp.result_type(float))
+        dtype = losses.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {dtype}."
+        )
+    shape = jnp.shape(losses)
+    if shape != (num_tasks,):
+        raise ValueError(
+            f"{name} must have shape (num_tasks,) = ({num_tasks},), got shape {shape}."
+        )
+    return jnp.asarray(losses)

@@ -15,11 +15,11 @@ from famo_jax import _base, _checks
 
 
 class FamoState(NamedTuple):
-    """State of :func:`famo`.
+    r"""State of :func:`famo`.
 
     Attributes:
       logits: ``(num_tasks,)`` float32 (or the ``logits_dtype`` asked for): the
-        task logits :math:`\\xi`; the task weights are ``softmax(logits)``, see
+        task logits :math:`\xi`; the task weights are ``softmax(logits)``, see
         :attr:`task_weights`. They start at zero (equal weights).
       opt_state: the state of the logits optimizer (an optax state pytree).
       num_updates: ``()`` int32: updates applied to the logits.
@@ -168,9 +168,7 @@ def famo(
       https://arxiv.org/abs/2306.03792
     """
     num_tasks = _checks.check_num_tasks(num_tasks)
-    learning_rate = _checks.check_nonnegative(
-        "learning_rate", learning_rate, allow_callable=True
-    )
+    learning_rate = _checks.check_nonnegative("learning_rate", learning_rate, allow_callable=True)
     gamma = _checks.check_nonnegative("gamma", gamma)
     eps = _checks.check_nonnegative("eps", eps)
     min_losses = _checks.check_task_vector(
@@ -225,9 +223,7 @@ def famo(
             )
         return weighted.astype(losses.dtype)
 
-    def update(
-        prev_losses: ArrayLike, curr_losses: ArrayLike, state: FamoState
-    ) -> FamoState:
+    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FamoState) -> FamoState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
         curr_losses = _checks.check_losses("curr_losses", curr_losses, num_tasks)
         dtype = jnp.promote_types(
@@ -240,9 +236,7 @@ def famo(
         # Vector-Jacobian product of softmax with delta: what the reference gets
         # from torch.autograd.grad(softmax(xi), xi, grad_outputs=delta).
         logits_grad = (z * (delta - jnp.dot(z, delta))).astype(state.logits.dtype)
-        updates, opt_state = optimizer.update(
-            logits_grad, state.opt_state, state.logits
-        )
+        updates, opt_state = optimizer.update(logits_grad, state.opt_state, state.logits)
         logits = optax.apply_updates(state.logits, updates)
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
         # bound; such a step is skipped so that the state is never corrupted.
