@@ -8,14 +8,29 @@ a leading axis.
 """
 
 from famo_jax._base import LossWeighting, loss_weights
+from famo_jax._dwa import DwaState, dwa
 from famo_jax._famo import FamoState, check_famo_losses, famo
+from famo_jax._rlw import RlwState, random_loss_weighting
+from famo_jax._scalarization import linear_scalarization, scale_invariant
+from famo_jax._task_gradients import shared_trunk, task_gradients
+from famo_jax._uncertainty import UncertaintyState, uncertainty_weighting
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DwaState",
     "FamoState",
     "LossWeighting",
+    "RlwState",
+    "UncertaintyState",
     "check_famo_losses",
+    "dwa",
     "famo",
+    "linear_scalarization",
     "loss_weights",
+    "random_loss_weighting",
+    "scale_invariant",
+    "shared_trunk",
+    "task_gradients",
+    "uncertainty_weighting",
 ]
