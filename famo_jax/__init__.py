@@ -7,6 +7,7 @@ aggregators (O(k)) are optax transformations over per-task gradients stacked on
 a leading axis.
 """
 
+from famo_jax import metrics, problems
 from famo_jax._base import LossWeighting, loss_weights
 from famo_jax._dwa import DwaState, dwa
 from famo_jax._famo import FamoState, check_famo_losses, famo
@@ -28,6 +29,8 @@ __all__ = [
     "famo",
     "linear_scalarization",
     "loss_weights",
+    "metrics",
+    "problems",
     "random_loss_weighting",
     "scale_invariant",
     "shared_trunk",
