@@ -8,6 +8,7 @@ a leading axis.
 """
 
 from famo_jax import metrics, problems
+from famo_jax._accumulation import linearize_weigh
 from famo_jax._base import LossWeighting, loss_weights
 from famo_jax._dwa import DwaState, dwa
 from famo_jax._famo import FamoState, check_famo_losses, famo
@@ -28,6 +29,7 @@ __all__ = [
     "dwa",
     "famo",
     "linear_scalarization",
+    "linearize_weigh",
     "loss_weights",
     "metrics",
     "problems",
