@@ -123,7 +123,11 @@ def famo(
         ``weigh`` and ``update`` use losses averaged over that axis, so every
         replica keeps the same state; the gradient of ``weigh`` w.r.t. each
         replica's losses is the global weight vector, so averaging the model
-        gradients over the axis gives the gradient of the global batch.
+        gradients over the axis gives the gradient of the global batch. Under
+        ``shard_map`` (with its default ``check_vma=True``) the gradient of a
+        replicated parameter is already summed over the axis: differentiate
+        ``pmean(weigh(losses, state))`` instead. Differentiating that ``pmean``
+        and then averaging the gradients is right under both.
       logits_dtype: dtype of the logits and of the default optimizer's state.
         The weighting is computed in the promotion of this dtype and the losses'
         dtype, so bfloat16/float16 losses still use float32 logits.
@@ -201,8 +205,17 @@ def famo(
             num_skipped=jnp.zeros((), jnp.int32),
         )
 
+    def check_state(state: FamoState) -> None:
+        # A state made for another num_tasks would otherwise fail in broadcasting.
+        if jnp.shape(state.logits) != (num_tasks,):
+            raise ValueError(
+                f"state.logits must have shape (num_tasks,) = ({num_tasks},), got shape "
+                f"{jnp.shape(state.logits)}: was the state made by init() of this famo()?"
+            )
+
     def weigh(losses: ArrayLike, state: FamoState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
+        check_state(state)
         dtype = jnp.promote_types(losses.dtype, state.logits.dtype)
         z = jax.nn.softmax(state.logits).astype(dtype)
         if axis_name is None:
@@ -226,6 +239,7 @@ def famo(
     def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FamoState) -> FamoState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
         curr_losses = _checks.check_losses("curr_losses", curr_losses, num_tasks)
+        check_state(state)
         dtype = jnp.promote_types(
             jnp.promote_types(prev_losses.dtype, curr_losses.dtype), state.logits.dtype
         )
