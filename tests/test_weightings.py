@@ -8,6 +8,9 @@ import pytest
 
 import famo_jax
 
+# Jitted, as everywhere in these tests: run eagerly, every operation compiles on its own.
+weights_of = jax.jit(famo_jax.loss_weights, static_argnums=0)
+
 # ---------------------------------------------------------------------------
 # Linear scalarization and scale-invariant weighting.
 
@@ -17,8 +20,8 @@ def test_linear_scalarization_is_the_mean():
     losses = jnp.array([0.5, 2.0, 8.0, 1e3])
     state = ls.init()
     np.testing.assert_allclose(jax.jit(ls.weigh)(losses, state), np.mean(losses), rtol=1e-6)
-    np.testing.assert_allclose(famo_jax.loss_weights(ls, losses, state), np.full(4, 0.25))
-    assert ls.update(losses, losses, state) == state
+    np.testing.assert_allclose(weights_of(ls, losses, state), np.full(4, 0.25))
+    assert jax.jit(ls.update)(losses, losses, state) == state
 
 
 def test_scale_invariant_is_the_mean_log_loss():
@@ -29,7 +32,7 @@ def test_scale_invariant_is_the_mean_log_loss():
         jax.jit(si.weigh)(losses, state), np.mean(np.log(losses + 1e-3)), rtol=1e-6
     )
     np.testing.assert_allclose(
-        famo_jax.loss_weights(si, losses, state), 1.0 / (3 * (losses + 1e-3)), rtol=1e-6
+        weights_of(si, losses, state), 1.0 / (3 * (losses + 1e-3)), rtol=1e-6
     )
 
 
@@ -38,20 +41,20 @@ def test_scale_invariant_eps_zero_is_the_reference_up_to_the_mean():
     si = famo_jax.scale_invariant(2, eps=0.0)
     losses = jnp.array([0.25, 4.0])
     np.testing.assert_allclose(
-        2 * si.weigh(losses, si.init()), np.sum(np.log(np.asarray(losses))), rtol=1e-6
+        2 * jax.jit(si.weigh)(losses, si.init()), np.sum(np.log(np.asarray(losses))), rtol=1e-6
     )
 
 
 def test_scale_invariant_documented_behaviour_at_zero_and_negative_losses():
     si = famo_jax.scale_invariant(2)  # eps = 1e-8
     zero = jnp.array([0.0, 1.0])
-    np.testing.assert_allclose(si.weigh(zero, si.init()), 0.5 * np.log(1e-8), rtol=1e-5)
-    np.testing.assert_allclose(famo_jax.loss_weights(si, zero, si.init()), [0.5e8, 0.5], rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(si.weigh)(zero, si.init()), 0.5 * np.log(1e-8), rtol=1e-5)
+    np.testing.assert_allclose(weights_of(si, zero, si.init()), [0.5e8, 0.5], rtol=1e-5)
     # eps = 0: a zero loss has log -inf, as in the reference.
     exact = famo_jax.scale_invariant(2, eps=0.0)
-    assert jnp.isneginf(exact.weigh(zero, exact.init()))
+    assert jnp.isneginf(jax.jit(exact.weigh)(zero, exact.init()))
     # A negative loss has no log: NaN, as documented.
-    assert jnp.isnan(si.weigh(jnp.array([-1.0, 1.0]), si.init()))
+    assert jnp.isnan(jax.jit(si.weigh)(jnp.array([-1.0, 1.0]), si.init()))
 
 
 @pytest.mark.parametrize(
@@ -134,18 +137,18 @@ def test_rlw_is_pure_and_reproducible():
     rlw = famo_jax.random_loss_weighting(4, seed=7)
     losses = jnp.arange(1.0, 5.0)
     state = rlw.init()
-    first = famo_jax.loss_weights(rlw, losses, state)
-    np.testing.assert_array_equal(first, famo_jax.loss_weights(rlw, losses, state))
+    first = weights_of(rlw, losses, state)
+    np.testing.assert_array_equal(first, weights_of(rlw, losses, state))
     np.testing.assert_array_equal(
-        first, famo_jax.loss_weights(rlw, losses, famo_jax.random_loss_weighting(4, 7).init())
+        first, weights_of(rlw, losses, famo_jax.random_loss_weighting(4, 7).init())
     )
     other_seed = famo_jax.random_loss_weighting(4, seed=8)
-    assert not np.allclose(first, famo_jax.loss_weights(other_seed, losses, other_seed.init()))
+    assert not np.allclose(first, weights_of(rlw, losses, other_seed.init()))
     # The weights do not depend on the losses, only on the key.
-    np.testing.assert_array_equal(first, famo_jax.loss_weights(rlw, 10 * losses, state))
+    np.testing.assert_array_equal(first, weights_of(rlw, 10 * losses, state))
     # Non-finite losses advance the key like any other step.
-    after_nan = rlw.update(jnp.full(4, jnp.nan), losses, state)
-    np.testing.assert_array_equal(after_nan.key, rlw.update(losses, losses, state).key)
+    after_nan = jax.jit(rlw.update)(jnp.full(4, jnp.nan), losses, state)
+    np.testing.assert_array_equal(after_nan.key, jax.jit(rlw.update)(losses, losses, state).key)
 
 
 # ---------------------------------------------------------------------------
@@ -201,10 +204,12 @@ def test_dwa_weigh_does_not_mutate_and_matches_its_value():
     weighting = famo_jax.dwa(2, window=1)
     state = weighting.init()
     for row in ([1.0, 1.0], [1.0, 1.0]):
-        state = weighting.update(jnp.array(row), jnp.array(row), state)
+        state = jax.jit(weighting.update)(jnp.array(row), jnp.array(row), state)
     losses = jnp.array([2.0, 0.5])
-    w = famo_jax.loss_weights(weighting, losses, state)
-    np.testing.assert_allclose(weighting.weigh(losses, state), jnp.dot(w, losses), rtol=1e-6)
+    w = weights_of(weighting, losses, state)
+    np.testing.assert_allclose(
+        jax.jit(weighting.weigh)(losses, state), jnp.dot(w, losses), rtol=1e-6
+    )
     np.testing.assert_allclose(w, jax.nn.softmax(jnp.array([2.0, 0.5]) / 2.0), rtol=1e-6)
     np.testing.assert_array_equal(state.costs, jnp.ones((2, 2)))
 
@@ -213,16 +218,14 @@ def test_dwa_skips_non_finite_losses_and_keeps_weights_finite():
     weighting = famo_jax.dwa(2, window=2)
     state = weighting.init()
     for row in ([1.0, 2.0], [jnp.nan, 1.0], [jnp.inf, 1.0]):
-        state = weighting.update(jnp.array(row), jnp.ones(2), state)
+        state = jax.jit(weighting.update)(jnp.array(row), jnp.ones(2), state)
     assert int(state.num_updates) == 1 and int(state.num_skipped) == 2
     assert np.all(np.isfinite(state.costs))
     # A history of zeros gives 0/0 ratios: counted as unchanged losses.
     zeros = weighting.init()._replace(costs=jnp.zeros((4, 2)), num_updates=jnp.array(10))
-    np.testing.assert_allclose(famo_jax.loss_weights(weighting, jnp.zeros(2), zeros), [0.5, 0.5])
+    np.testing.assert_allclose(weights_of(weighting, jnp.zeros(2), zeros), [0.5, 0.5])
     # x/0: the task whose loss rose from zero gets all the weight.
-    np.testing.assert_allclose(
-        famo_jax.loss_weights(weighting, jnp.array([1.0, 0.0]), zeros), [1.0, 0.0]
-    )
+    np.testing.assert_allclose(weights_of(weighting, jnp.array([1.0, 0.0]), zeros), [1.0, 0.0])
 
 
 # ---------------------------------------------------------------------------
@@ -264,19 +267,19 @@ def test_uncertainty_weighting_value_weights_and_exact_gradient_step():
     uw = famo_jax.uncertainty_weighting(2, optimizer=optax.sgd(0.5))
     state = uw.init()._replace(log_vars=jnp.array([0.0, jnp.log(4.0)]))
     losses = jnp.array([2.0, 8.0])
-    np.testing.assert_allclose(uw.weigh(losses, state), 0.5 * (2.0 + 2.0 + np.log(4.0)))
-    np.testing.assert_allclose(famo_jax.loss_weights(uw, losses, state), [0.5, 0.125])
+    np.testing.assert_allclose(jax.jit(uw.weigh)(losses, state), 0.5 * (2.0 + 2.0 + np.log(4.0)))
+    np.testing.assert_allclose(weights_of(uw, losses, state), [0.5, 0.125])
     # One SGD step on (1/k) * (1 - exp(-s) * l).
-    new = uw.update(losses, jnp.zeros(2), state)
+    new = jax.jit(uw.update)(losses, jnp.zeros(2), state)
     np.testing.assert_allclose(new.log_vars, [0.25, np.log(4.0) + 0.25], rtol=1e-6)
     # At init UW is linear scalarization.
-    np.testing.assert_allclose(famo_jax.loss_weights(uw, losses, uw.init()), [0.5, 0.5])
+    np.testing.assert_allclose(weights_of(uw, losses, uw.init()), [0.5, 0.5])
 
 
 def test_uncertainty_weighting_skips_non_finite_losses():
     uw = famo_jax.uncertainty_weighting(2)
-    state = uw.update(jnp.array([1.0, 3.0]), jnp.ones(2), uw.init())
-    skipped = uw.update(jnp.array([jnp.inf, 1.0]), jnp.ones(2), state)
+    state = jax.jit(uw.update)(jnp.array([1.0, 3.0]), jnp.ones(2), uw.init())
+    skipped = jax.jit(uw.update)(jnp.array([jnp.inf, 1.0]), jnp.ones(2), state)
     assert int(skipped.num_skipped) == 1 and int(skipped.num_updates) == 1
     jax.tree.map(np.testing.assert_array_equal, skipped.log_vars, state.log_vars)
     jax.tree.map(np.testing.assert_array_equal, skipped.opt_state, state.opt_state)
@@ -284,5 +287,5 @@ def test_uncertainty_weighting_skips_non_finite_losses():
 
 def test_uncertainty_weighting_accepts_a_schedule():
     uw = famo_jax.uncertainty_weighting(2, learning_rate=optax.constant_schedule(0.1))
-    state = uw.update(jnp.array([1.0, 3.0]), jnp.ones(2), uw.init())
+    state = jax.jit(uw.update)(jnp.array([1.0, 3.0]), jnp.ones(2), uw.init())
     assert np.all(np.isfinite(state.log_vars)) and not np.allclose(state.log_vars, 0.0)
