@@ -308,6 +308,9 @@ def check_famo_losses(
         raise TypeError(
             f"{name} must be a 1-D array of floats, got {losses.dtype}{list(losses.shape)}."
         )
+    # Same precision as famo() with its float32 logits: in bfloat16/float16 the
+    # rounded bound could disagree with the one that update() uses.
+    losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
     bound = jnp.broadcast_to(
         jnp.asarray(0.0 if min_losses is None else np.asarray(min_losses), losses.dtype),
         losses.shape,
