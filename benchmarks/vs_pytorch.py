@@ -1,0 +1,538 @@
+"""famo_jax against a PyTorch FAMO written from the paper's Algorithm 2, on CPU.
+
+Optional: runs only when ``torch`` is installed (it is never a famo_jax
+dependency); without it the script prints a message and exits cleanly.
+
+Two comparisons, each with the same computation on both sides and a check that
+the results agree (printed, not asserted):
+
+(a) **The toy problem** of the paper (Appendix D): two tasks on
+    ``theta in R^2``, Adam lr 1e-3 for 50,000 steps from ``(-8.5, 7.5)``, FAMO
+    with ``min_losses = (-2.1, -21)``, gamma 0, logits lr 0.025. The loop is the
+    authors' toy script's: at step ``t > 0`` FAMO is updated with the previous
+    and the current losses before they are weighted. On this deterministic
+    full-batch problem that is exactly the same-batch update (the losses
+    re-computed after step ``t - 1`` are the losses of step ``t``), with no
+    extra forward pass. PyTorch runs the Python loop; JAX runs the whole
+    50,000 steps as one jitted ``lax.scan`` (compile time reported separately).
+    Also shown: JAX on the five starting points of the authors' script at once
+    (``vmap`` inside the same scan).
+
+(b) **One training step** of the shared-trunk MLP of ``benchmarks/scaling.py``
+    (input 512 -> 1024 -> 512, ReLU, 1,050,112 trunk parameters, one linear head
+    per task) with k = 40 tasks, batch 128, Adam lr 1e-3: FAMO same-batch (the
+    authors' mode), FAMO lagged and LS, median over repeats. Both start from the
+    same weights; after a few steps on the same batches the parameters, FAMO
+    logits and losses are compared.
+
+Both sides run on the CPU in float32 with all the process's cores
+(``torch.set_num_threads``; XLA uses every core by default).
+
+Run: ``python benchmarks/vs_pytorch.py`` (a few minutes; the PyTorch toy loop
+dominates) or ``python benchmarks/vs_pytorch.py --quick`` (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing  # noqa: E402
+import scaling  # noqa: E402
+
+import famo_jax  # noqa: E402
+
+TOY_START = (-8.5, 7.5)
+TOY_STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
+TOY_MIN_LOSSES = (-2.1, -21.0)
+TOY_LOWER = 5e-6
+TOY_SCALE = 0.1
+TOY_MODEL_LR = 1e-3
+TOY_LOGITS_LR = 0.025
+TOY_GAMMA = 0.0
+# Tolerances of the agreement checks (float32 on both sides; see the report).
+TOY_ATOL = 1e-3
+MLP_ATOL = 1e-4
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --- PyTorch side ----------------------------------------------------------------------
+
+
+def torch_famo_class(torch):
+    """FAMO of the paper's Algorithm 2 (Appendix C), as a PyTorch class.
+
+    Written here from the pseudocode so that the benchmark does not depend on
+    test code: ``xi`` starts at zero and is trained by ``Adam(lr,
+    weight_decay=gamma)``; ``get_weighted_loss`` returns ``sum(c z log D)`` with
+    ``D = l - m + 1e-8`` and ``c = 1 / sum(z / D)`` detached; ``update`` takes
+    ``delta = log D_prev - log D_curr`` and sets the logits' gradient to the
+    softmax's vector-Jacobian product with ``delta``.
+    """
+    functional = torch.nn.functional
+
+    class TorchFamo:
+        def __init__(self, num_tasks, min_losses, lr=0.025, gamma=0.001):
+            self.min_losses = torch.as_tensor(min_losses, dtype=torch.float32)
+            self.xi = torch.zeros(num_tasks, requires_grad=True)
+            self.xi_opt = torch.optim.Adam([self.xi], lr=lr, weight_decay=gamma)
+
+        def get_weighted_loss(self, losses):
+            z = functional.softmax(self.xi, -1)
+            gap = losses - self.min_losses + 1e-8
+            c = 1 / (z / gap).sum().detach()
+            return (c * gap.log() * z).sum()
+
+        def update(self, prev_losses, curr_losses):
+            delta = (prev_losses - self.min_losses + 1e-8).log() - (
+                curr_losses - self.min_losses + 1e-8
+            ).log()
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(
+                    functional.softmax(self.xi, -1), self.xi, grad_outputs=delta.detach()
+                )
+            self.xi_opt.zero_grad()
+            self.xi.grad = grad
+            self.xi_opt.step()
+
+        def logits_numpy(self):
+            return self.xi.detach().numpy().copy()
+
+    return TorchFamo
+
+
+def torch_toy_losses(torch, theta):
+    """The toy losses of the paper's Appendix D, as the authors' code computes them."""
+    x1, x2 = theta[0], theta[1]
+    f1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), TOY_LOWER).log() + 6
+    f2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), TOY_LOWER).log() + 6
+    c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
+    g1 = ((-x1 + 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
+    g2 = ((-x1 - 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
+    c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
+    return torch.stack([TOY_SCALE * (f1 * c1 + g1 * c2), f2 * c1 + g2 * c2])
+
+
+def torch_toy_run(torch, start, steps: int):
+    """The authors' toy loop with FAMO; returns (theta, losses, logits) as numpy."""
+    TorchFamo = torch_famo_class(torch)
+    theta = torch.tensor(start, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=TOY_MODEL_LR)
+    famo = TorchFamo(2, TOY_MIN_LOSSES, lr=TOY_LOGITS_LR, gamma=TOY_GAMMA)
+    prev = None
+    for _ in range(steps):
+        losses = torch_toy_losses(torch, theta)
+        if prev is not None:
+            with torch.no_grad():
+                famo.update(prev, losses.detach())
+        loss = famo.get_weighted_loss(losses)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        prev = losses.detach()
+    with torch.no_grad():
+        final = torch_toy_losses(torch, theta)
+    return theta.detach().numpy(), final.numpy(), famo.logits_numpy()
+
+
+class TorchMLP:
+    """The MLP of benchmarks/scaling.py in PyTorch, initialised from JAX parameters."""
+
+    def __init__(self, torch, params: dict):
+        nn = torch.nn
+        trunk, heads = params["trunk"], params["heads"]
+        in_dim, hidden = trunk["w1"].shape
+        feat = trunk["w2"].shape[1]
+        num_tasks = heads["w"].shape[0]
+        self.torch = torch
+        self.model = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, feat),
+            nn.ReLU(),
+            nn.Linear(feat, num_tasks),  # the k linear heads, stacked
+        )
+        with torch.no_grad():
+            layers = [self.model[0], self.model[2], self.model[4]]
+            weights = [np.array(trunk["w1"]).T, np.array(trunk["w2"]).T, np.array(heads["w"])]
+            biases = [np.array(trunk["b1"]), np.array(trunk["b2"]), np.array(heads["b"])]
+            for layer, w, b in zip(layers, weights, biases, strict=True):
+                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+                layer.bias.copy_(torch.from_numpy(b))
+
+    def losses(self, x, y):
+        return ((self.model(x) - y) ** 2).mean(0)
+
+    def params_numpy(self) -> dict:
+        m = self.model
+        t = lambda p: p.detach().numpy()
+        return {
+            "trunk": {
+                "w1": t(m[0].weight).T,
+                "b1": t(m[0].bias),
+                "w2": t(m[2].weight).T,
+                "b2": t(m[2].bias),
+            },
+            "heads": {"w": t(m[4].weight), "b": t(m[4].bias)},
+        }
+
+
+def torch_mlp_steps(torch, params: dict, num_tasks: int):
+    """Steps of LS, FAMO same-batch and FAMO lagged for the PyTorch MLP.
+
+    Returns name -> (make_state, step) with ``step(state, x, y)`` training in place.
+    """
+    TorchFamo = torch_famo_class(torch)
+
+    def make_ls():
+        net = TorchMLP(torch, params)
+        return net, torch.optim.Adam(net.model.parameters(), lr=1e-3), None, None
+
+    def make_famo():
+        net, opt, _, _ = make_ls()
+        return net, opt, TorchFamo(num_tasks, 0.0, lr=0.025, gamma=0.001), None
+
+    def ls_step(state, x, y):
+        net, opt, _, _ = state
+        loss = net.losses(x, y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return state
+
+    def famo_same_batch_step(state, x, y):
+        net, opt, famo, _ = state
+        losses = net.losses(x, y)
+        loss = famo.get_weighted_loss(losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # the authors' update: same batch, after the step
+            famo.update(losses.detach(), net.losses(x, y))
+        return state
+
+    def famo_lagged_step(state, x, y):
+        net, opt, famo, prev = state
+        losses = net.losses(x, y)
+        loss = famo.get_weighted_loss(losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses = losses.detach()
+        if prev is not None:
+            with torch.no_grad():
+                famo.update(prev, losses)
+        return net, opt, famo, losses
+
+    return {
+        "LS": (make_ls, ls_step),
+        "FAMO same-batch": (make_famo, famo_same_batch_step),
+        "FAMO lagged": (make_famo, famo_lagged_step),
+    }
+
+
+# --- JAX side ------------------------------------------------------------------------
+
+
+def _clamp_below(x, lower):
+    # torch.clamp's gradient: passes where x >= lower (ties included).
+    return jnp.where(x >= lower, x, lower)
+
+
+def _local_toy_losses(theta):
+    x1, x2 = theta[..., 0], theta[..., 1]
+    f1 = jnp.log(_clamp_below(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), TOY_LOWER)) + 6
+    f2 = jnp.log(_clamp_below(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), TOY_LOWER)) + 6
+    c1 = _clamp_below(jnp.tanh(0.5 * x2), 0.0)
+    g1 = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    g2 = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    c2 = _clamp_below(jnp.tanh(-0.5 * x2), 0.0)
+    return jnp.stack([TOY_SCALE * (f1 * c1 + g1 * c2), f2 * c1 + g2 * c2], axis=-1)
+
+
+def jax_toy_losses():
+    """famo_jax.problems.toy_losses when available, else the same function defined here."""
+    try:
+        from famo_jax.problems import toy_losses
+    except ImportError:
+        return _local_toy_losses, "benchmarks/vs_pytorch.py (famo_jax.problems not found)"
+    return toy_losses, "famo_jax.problems.toy_losses"
+
+
+def make_jax_toy_run(steps: int):
+    """A function of the start (shape (2,), or (n, 2) for n runs at once) running the toy."""
+    toy_losses, _ = jax_toy_losses()
+    weighting = famo_jax.famo(
+        2, learning_rate=TOY_LOGITS_LR, gamma=TOY_GAMMA, min_losses=TOY_MIN_LOSSES
+    )
+    model_opt = optax.adam(TOY_MODEL_LR)
+
+    def one_run(theta):
+        def step(carry, t):
+            theta, opt_state, state, prev = carry
+            losses, pullback = jax.vjp(toy_losses, theta)
+            # As the authors' toy loop: update with (previous, current) losses from
+            # the second step on, then weigh the current losses. A select, not a
+            # lax.cond: on the CPU backend a cond inside a scan costs ~10x this step.
+            updated = weighting.update(prev, losses, state)
+            state = jax.tree.map(lambda new, old: jnp.where(t > 0, new, old), updated, state)
+            (grads,) = pullback(famo_jax.loss_weights(weighting, losses, state))
+            updates, opt_state = model_opt.update(grads, opt_state, theta)
+            return (optax.apply_updates(theta, updates), opt_state, state, losses), None
+
+        carry = (theta, model_opt.init(theta), weighting.init(), jnp.zeros(2, theta.dtype))
+        (theta, _, state, _), _ = jax.lax.scan(step, carry, jnp.arange(steps))
+        return theta, toy_losses(theta), state.logits
+
+    def run(starts):
+        return one_run(starts) if starts.ndim == 1 else jax.vmap(one_run)(starts)
+
+    return jax.jit(run)
+
+
+# --- Benchmarks ----------------------------------------------------------------------
+
+
+def bench_toy(torch, steps: int, jax_repeats: int) -> dict:
+    start = jnp.asarray(TOY_START, jnp.float32)
+    run = make_jax_toy_run(steps)
+    t0 = time.perf_counter()
+    run.lower(start).compile()
+    compile_seconds = time.perf_counter() - t0
+    jax_times = []
+    with _timing.CompileCounter("toy run"):
+        for _ in range(jax_repeats):
+            t0 = time.perf_counter()
+            jax_result = jax.block_until_ready(run(start))
+            jax_times.append(time.perf_counter() - t0)
+    jax_seconds = _timing.median(jax_times)
+
+    starts = jnp.asarray(TOY_STARTS, jnp.float32)
+    t0 = time.perf_counter()
+    run.lower(starts).compile()
+    compile_five = time.perf_counter() - t0
+    five_times = []
+    with _timing.CompileCounter("toy run, five starts"):
+        for _ in range(jax_repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(starts))
+            five_times.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    torch_result = torch_toy_run(torch, TOY_START, steps)
+    torch_seconds = time.perf_counter() - t0
+
+    names = ("theta", "losses", "logits")
+    diffs = {
+        n: float(np.max(np.abs(np.asarray(j) - t)))
+        for n, j, t in zip(names, jax_result, torch_result, strict=True)
+    }
+    return {
+        "steps": steps,
+        "torch_seconds": torch_seconds,
+        "jax_seconds": jax_seconds,
+        "jax_compile_seconds": compile_seconds,
+        "jax_five_seconds": _timing.median(five_times),
+        "jax_five_compile_seconds": compile_five,
+        "jax": [np.asarray(a) for a in jax_result],
+        "torch": list(torch_result),
+        "diffs": diffs,
+    }
+
+
+def bench_mlp(
+    torch, cfg: scaling.ModelConfig, num_tasks: int, repeats: int, check_steps: int
+) -> dict:
+    key = jax.random.key(0)
+    k_params, k_batch = jax.random.split(key)
+    params = scaling.init_params(k_params, cfg, num_tasks)
+    batches = [
+        scaling.make_batch(k, cfg, num_tasks)
+        for k in jax.random.split(k_batch, max(check_steps, 1))
+    ]
+    to_torch = lambda a: torch.from_numpy(np.array(a))
+    x, y = batches[0]
+    x_t, y_t = to_torch(x), to_torch(y)
+
+    jax_makers = {
+        "LS": scaling.make_ls,
+        "FAMO same-batch": scaling.make_famo_same_batch,
+        "FAMO lagged": scaling.make_famo_lagged,
+    }
+    torch_steps = torch_mlp_steps(torch, params, num_tasks)
+    rows, agreement = {}, {}
+    for name, maker in jax_makers.items():
+        step, carry = maker(params, x, y)
+        compiled = _timing.compile_step(step, carry, x, y)
+        jax_times = _timing.time_steps(
+            compiled.fn, carry, (x, y), warmup=3, repeats=repeats, label=f"JAX {name}"
+        )
+        make_state, torch_step = torch_steps[name]
+        state = make_state()
+        for _ in range(3):
+            state = torch_step(state, x_t, y_t)
+        torch_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            state = torch_step(state, x_t, y_t)
+            torch_times.append(time.perf_counter() - t0)
+        rows[name] = {
+            "jax_seconds": _timing.median(jax_times),
+            "torch_seconds": _timing.median(torch_times),
+        }
+        if name == "LS":
+            continue
+        # Agreement: the same steps from the same weights on the same batches
+        # (with the executable just timed; the carry is a fresh copy, donated).
+        state, carry = make_state(), _timing.fresh_copy(carry)
+        with _timing.CompileCounter(f"JAX {name} agreement run"):
+            for bx, by in batches[:check_steps]:
+                carry = compiled.fn(carry, bx, by)
+                state = torch_step(state, to_torch(bx), to_torch(by))
+        jax_params, jax_logits = carry[0], carry[2].logits
+        torch_params = state[0].params_numpy()
+        param_diff = max(
+            float(np.max(np.abs(np.asarray(a) - b)))
+            for a, b in zip(jax.tree.leaves(jax_params), jax.tree.leaves(torch_params), strict=True)
+        )
+        logit_diff = float(np.max(np.abs(np.asarray(jax_logits) - state[2].logits_numpy())))
+        with torch.no_grad():
+            torch_losses = state[0].losses(x_t, y_t).numpy()
+        jax_losses = np.asarray(jax.jit(scaling.task_losses)(jax_params, x, y))
+        loss_diff = float(np.max(np.abs(jax_losses - torch_losses) / np.abs(torch_losses)))
+        agreement[name] = {"params": param_diff, "logits": logit_diff, "losses_rel": loss_diff}
+    return {"rows": rows, "agreement": agreement}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, seconds")
+    parser.add_argument("--toy-steps", type=int, help="steps of the toy run (default 50,000)")
+    parser.add_argument("--num-tasks", type=int, default=40, help="tasks of the MLP step")
+    parser.add_argument("--repeats", type=int, help="timed MLP steps (default 30)")
+    args = parser.parse_args(argv)
+
+    print("# famo_jax versus PyTorch (FAMO of the paper's Algorithm 2), CPU\n")
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch is not installed: skipping this benchmark (pip install torch to run it).")
+        return None
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    _timing.print_machine_info(
+        {"torch": f"{torch.__version__} ({torch.get_num_threads()} threads)"}
+    )
+
+    toy_steps = args.toy_steps or (500 if args.quick else 50_000)
+    cfg = scaling.QUICK_MODEL if args.quick else scaling.ModelConfig()
+    num_tasks = 4 if args.quick and args.num_tasks == 40 else args.num_tasks
+    repeats = args.repeats or (5 if args.quick else 30)
+
+    _, toy_source = jax_toy_losses()
+    print(
+        f"## (a) Toy problem: {toy_steps:,} steps from {TOY_START}, Adam lr {TOY_MODEL_LR}, "
+        f"FAMO min_losses {TOY_MIN_LOSSES}, gamma {TOY_GAMMA}, logits lr {TOY_LOGITS_LR}\n"
+        f"JAX losses: {toy_source}.\n"
+    )
+    toy = bench_toy(torch, toy_steps, jax_repeats=3 if args.quick else 5)
+    speedup = toy["torch_seconds"] / toy["jax_seconds"]
+    print(
+        _timing.markdown_table(
+            ["implementation", "whole run", "per step", "speed-up"],
+            [
+                [
+                    "PyTorch loop",
+                    _timing.format_seconds(toy["torch_seconds"]),
+                    _timing.format_seconds(toy["torch_seconds"] / toy_steps),
+                    "1x",
+                ],
+                [
+                    "JAX, one jitted lax.scan",
+                    _timing.format_seconds(toy["jax_seconds"]),
+                    _timing.format_seconds(toy["jax_seconds"] / toy_steps),
+                    f"{speedup:.0f}x",
+                ],
+                [
+                    "JAX, 5 starts vmapped in one scan",
+                    _timing.format_seconds(toy["jax_five_seconds"]),
+                    _timing.format_seconds(toy["jax_five_seconds"] / toy_steps),
+                    f"{5 * toy['torch_seconds'] / toy['jax_five_seconds']:.0f}x vs 5 PyTorch runs",
+                ],
+            ],
+        )
+    )
+    print(
+        f"\nJAX compile time (not in the run times): {toy['jax_compile_seconds']:.2f} s "
+        f"(five starts: {toy['jax_five_compile_seconds']:.2f} s). Target: >= 100x: "
+        f"{'met' if speedup >= 100 else 'MISSED'} ({speedup:.0f}x)."
+    )
+    fmt = lambda a: np.array2string(np.asarray(a), precision=5, separator=", ")
+    print(f"Final theta: JAX {fmt(toy['jax'][0])}, PyTorch {fmt(toy['torch'][0])}")
+    print(f"Final losses: JAX {fmt(toy['jax'][1])}, PyTorch {fmt(toy['torch'][1])}")
+    print(f"Final logits: JAX {fmt(toy['jax'][2])}, PyTorch {fmt(toy['torch'][2])}")
+    worst = max(toy["diffs"].values())
+    print(
+        "Max |JAX - PyTorch|: "
+        + ", ".join(f"{n} {d:.2e}" for n, d in toy["diffs"].items())
+        + f"; within {TOY_ATOL:g}: {'yes' if worst <= TOY_ATOL else 'NO'}.\n"
+    )
+
+    print(
+        f"## (b) One training step: {cfg.describe()}; k = {num_tasks} tasks; FAMO "
+        "defaults (lr 0.025, gamma 0.001)\n"
+    )
+    mlp = bench_mlp(torch, cfg, num_tasks, repeats, check_steps=3 if args.quick else 10)
+    rows = []
+    for name, r in mlp["rows"].items():
+        rows.append(
+            [
+                name,
+                _timing.format_seconds(r["torch_seconds"]),
+                _timing.format_seconds(r["jax_seconds"]),
+                f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
+            ]
+        )
+    print(
+        _timing.markdown_table(
+            ["method", "PyTorch step (median)", "JAX jitted step (median)", "speed-up"], rows
+        )
+    )
+    main_speedup = (
+        mlp["rows"]["FAMO same-batch"]["torch_seconds"]
+        / mlp["rows"]["FAMO same-batch"]["jax_seconds"]
+    )
+    print(
+        f"\nMedian of {repeats} steps after 3 warm-up steps each. Target (FAMO same-batch, "
+        f"the authors' mode): >= 2x: {'met' if main_speedup >= 2 else 'MISSED'} "
+        f"({main_speedup:.2f}x)."
+    )
+    for name, a in mlp["agreement"].items():
+        ok = a["params"] <= MLP_ATOL and a["logits"] <= MLP_ATOL
+        print(
+            f"Agreement after {3 if args.quick else 10} {name} steps from the same weights: "
+            f"max |params diff| {a['params']:.2e}, max |logits diff| {a['logits']:.2e}, "
+            f"max relative loss diff {a['losses_rel']:.2e}; within {MLP_ATOL:g}: "
+            f"{'yes' if ok else 'NO'}."
+        )
+    return {"toy": toy, "mlp": mlp}
+
+
+if __name__ == "__main__":
+    main()
