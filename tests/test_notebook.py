@@ -2,10 +2,8 @@
 
 import pathlib
 
+import nbclient
 import nbformat
-import pytest
-
-nbclient = pytest.importorskip("nbclient")  # test extra; skip rather than fail without it
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
