@@ -249,7 +249,11 @@ def famo(
         z = jax.nn.softmax(state.logits.astype(dtype))
         # Vector-Jacobian product of softmax with delta: what the reference gets
         # from torch.autograd.grad(softmax(xi), xi, grad_outputs=delta).
-        logits_grad = (z * (delta - jnp.dot(z, delta))).astype(state.logits.dtype)
+        # Shifting delta by a constant does not change this product; shifting it by
+        # the heaviest task's delta avoids the cancellation in delta - <z, delta>
+        # when z is nearly one-hot (that task's gradient would be rounding noise).
+        shifted = delta - delta[jnp.argmax(z)]
+        logits_grad = (z * (shifted - jnp.dot(z, shifted))).astype(state.logits.dtype)
         updates, opt_state = optimizer.update(logits_grad, state.opt_state, state.logits)
         logits = optax.apply_updates(state.logits, updates)
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
