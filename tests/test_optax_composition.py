@@ -195,6 +195,89 @@ def test_scheduled_logits_learning_rate_keeps_the_reference_optimizer():
     assert not np.allclose(s_injected.logits, run(default).logits, rtol=1e-3)
 
 
+# --- gradient aggregators on the shared trunk only ------------------------------------------
+
+IS_SHARED = {"trunk": True, "heads": False}  # a prefix of the parameter tree
+
+
+def _aggregated_run(aggregator_fn, params, x, y, steps=5):
+    """The recipe: stacked task gradients -> shared_trunk(aggregator) -> Adam, jitted."""
+    tx = optax.chain(
+        famo_jax.shared_trunk(aggregator_fn(), IS_SHARED, head_reduction="sum"),
+        optax.adam(1e-2),
+    )
+
+    @jax.jit
+    def step(params, opt_state):
+        _, task_grads = famo_jax.task_gradients(task_losses)(params, x, y)
+        updates, opt_state = tx.update(task_grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    for _ in range(steps):
+        params, opt_state = step(params, opt_state)
+    return params, opt_state
+
+
+def _explicit_run(aggregator_fn, params, x, y, steps=5):
+    """By hand: the aggregator sees the trunk's task gradients only; every head
+    gets the gradient of its own task's loss."""
+    aggregator, adam = aggregator_fn(), optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, agg_state, adam_state):
+        trunk_task_grads = jax.jacrev(
+            lambda trunk: task_losses({"trunk": trunk, "heads": params["heads"]}, x, y)
+        )(params["trunk"])
+        trunk_grad, agg_state = aggregator.update(trunk_task_grads, agg_state, params["trunk"])
+        own = [  # column i of the heads' matrix serves task i only
+            jax.grad(
+                lambda w, i=i: task_losses({"trunk": params["trunk"], "heads": {"w": w}}, x, y)[i]
+            )(params["heads"]["w"])[:, i]
+            for i in range(NUM_TASKS)
+        ]
+        grads = {"trunk": trunk_grad, "heads": {"w": jnp.stack(own, axis=1)}}
+        updates, adam_state = adam.update(grads, adam_state, params)
+        return optax.apply_updates(params, updates), agg_state, adam_state
+
+    agg_state, adam_state = aggregator.init(params["trunk"]), adam.init(params)
+    for _ in range(steps):
+        params, agg_state, adam_state = step(params, agg_state, adam_state)
+    return params, agg_state
+
+
+@pytest.mark.parametrize(
+    "aggregator_fn",
+    [lambda: famo_jax.cagrad(c=0.4), lambda: famo_jax.pcgrad(seed=1)],
+    ids=["cagrad", "pcgrad"],
+)
+def test_aggregator_applies_to_the_shared_trunk_only(problem, aggregator_fn):
+    params, x, y = problem
+    aggregated, opt_state = _aggregated_run(aggregator_fn, params, x, y)
+    explicit, agg_state = _explicit_run(aggregator_fn, params, x, y)
+    chex.assert_trees_all_close(aggregated, explicit, rtol=1e-5, atol=1e-6)
+    # A stateful aggregator (PCGrad's PRNG key) advanced once per step, as by hand.
+    chex.assert_trees_all_equal(jax.tree.leaves(opt_state[0]), jax.tree.leaves(agg_state))
+
+
+def test_aggregating_every_parameter_is_not_the_same(problem):
+    """The trunk-only recipe matters: aggregating the heads too changes their update."""
+    params, x, y = problem
+    trunk_only = famo_jax.shared_trunk(famo_jax.cagrad(), IS_SHARED, head_reduction="sum")
+
+    @jax.jit
+    def both(params):
+        _, task_grads = famo_jax.task_gradients(task_losses)(params, x, y)
+        everywhere, _ = famo_jax.cagrad().update(task_grads, optax.EmptyState(), params)
+        trunk_only_grads, _ = trunk_only.update(task_grads, trunk_only.init(params), params)
+        return task_grads, everywhere, trunk_only_grads
+
+    task_grads, everywhere, trunk_only_grads = both(params)
+    own = jax.tree.map(lambda g: g.sum(0), task_grads["heads"])
+    chex.assert_trees_all_close(trunk_only_grads["heads"], own)
+    assert not np.allclose(everywhere["heads"]["w"], own["w"], rtol=1e-3)
+
+
 # --- gradient accumulation with optax.MultiSteps --------------------------------------------
 
 NUM_MICRO = 4  # micro-batches per model update
