@@ -41,7 +41,7 @@ def restore(directory, like):
         return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
 
 
-# --- a functional training loop: params, optax chain, FAMO, other weightings, PRNG keys -------
+# --- a functional loop: params, optax chains, FAMO, RLW, PCGrad, PRNG keys -------------------
 
 FAMO = famo_jax.famo(NUM_TASKS)
 # A logits optimizer with state beyond Adam's: an injected, scheduled learning rate.
@@ -56,7 +56,20 @@ MODEL_TX = optax.chain(
     optax.clip_by_global_norm(1.0),
     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20), weight_decay=1e-3),
 )
+# A second model trained with PCGrad on its trunk: a PRNG key (typed) in an optax state.
+PCGRAD_TX = optax.chain(
+    famo_jax.shared_trunk(
+        famo_jax.pcgrad(key=jax.random.key(5)), {"trunk": True, "heads": False}, "sum"
+    ),
+    optax.adam(1e-2),
+)
 SCALES = jnp.array([1e-2, 1.0, 1e2])
+
+
+def key_data(tree):
+    """Typed PRNG keys replaced by their raw data, so that trees compare with chex."""
+    is_key = lambda x: jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
 def init_run(seed):
@@ -70,6 +83,8 @@ def init_run(seed):
     return {
         "params": params,
         "opt_state": MODEL_TX.init(params),
+        "pcgrad_params": params,
+        "pcgrad_opt_state": PCGRAD_TX.init(params),
         "famo": FAMO.init(),
         "famo_scheduled": FAMO_SCHEDULED.init(),
         "rlw": RLW.init()._replace(key=jax.random.PRNGKey(seed)),
@@ -105,9 +120,15 @@ def train_step(run):
 
     grads = jax.grad(objective)(run["params"])
     updates, opt_state = MODEL_TX.update(grads, run["opt_state"], run["params"])
+    _, task_grads = famo_jax.task_gradients(task_losses)(run["pcgrad_params"], x, y, mask)
+    pcgrad_updates, pcgrad_opt_state = PCGRAD_TX.update(
+        task_grads, run["pcgrad_opt_state"], run["pcgrad_params"]
+    )
     return {
         "params": optax.apply_updates(run["params"], updates),
         "opt_state": opt_state,
+        "pcgrad_params": optax.apply_updates(run["pcgrad_params"], pcgrad_updates),
+        "pcgrad_opt_state": pcgrad_opt_state,
         "famo": famo_state,
         "famo_scheduled": FAMO_SCHEDULED.update(
             run["prev_losses"] + 1.0, losses + 1.0, run["famo_scheduled"]
@@ -137,22 +158,17 @@ def test_functional_run_resumes_bit_identically(tmp_path):
     chex.assert_trees_all_equal_structs(restored, fresh)
     assert isinstance(restored["famo"], famo_jax.FamoState)
     assert jax.dtypes.issubdtype(restored["dropout_key"].dtype, jax.dtypes.prng_key)
-    chex.assert_trees_all_equal(
-        jax.random.key_data(restored["dropout_key"]),
-        jax.random.key_data(interrupted["dropout_key"]),
-    )
-    restored["dropout_key"] = interrupted["dropout_key"]  # compared as key data above
-    chex.assert_trees_all_equal(restored, interrupted)
+    chex.assert_trees_all_equal(key_data(restored), key_data(interrupted))
 
     resumed = train(restored, SECOND)
-    resumed = dict(resumed, dropout_key=jax.random.key_data(resumed["dropout_key"]))
-    expected = dict(uninterrupted, dropout_key=jax.random.key_data(uninterrupted["dropout_key"]))
-    chex.assert_trees_all_equal(resumed, expected)
+    chex.assert_trees_all_equal(key_data(resumed), key_data(uninterrupted))
     # The run really exercised every piece of state.
     assert int(resumed["famo"].num_updates) == FIRST + SECOND - 1
     assert int(resumed["famo_scheduled"].num_updates) == FIRST + SECOND
     assert float(resumed["famo_scheduled"].opt_state.hyperparams["learning_rate"]) < 0.05
     assert not np.allclose(resumed["famo"].logits, 0.0)
+    pcgrad_key = lambda run: key_data(jax.tree.leaves(run["pcgrad_opt_state"][0]))
+    assert not np.array_equal(pcgrad_key(resumed)[0], pcgrad_key(init_run(0))[0])
 
 
 def test_restore_without_a_target_loses_the_state_types(tmp_path):
