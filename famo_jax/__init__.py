@@ -10,8 +10,14 @@ a leading axis.
 from famo_jax import metrics, problems
 from famo_jax._accumulation import linearize_weigh
 from famo_jax._base import LossWeighting, loss_weights
+from famo_jax._cagrad import cagrad
 from famo_jax._dwa import DwaState, dwa
 from famo_jax._famo import FamoState, check_famo_losses, famo
+from famo_jax._graddrop import GradDropState, graddrop
+from famo_jax._imtl import imtl_g
+from famo_jax._mgda import mgda
+from famo_jax._nash_mtl import NashMTLState, nash_mtl
+from famo_jax._pcgrad import PCGradState, pcgrad
 from famo_jax._rlw import RlwState, random_loss_weighting
 from famo_jax._scalarization import linear_scalarization, scale_invariant
 from famo_jax._task_gradients import shared_trunk, task_gradients
@@ -22,16 +28,25 @@ __version__ = "0.1.0"
 __all__ = [
     "DwaState",
     "FamoState",
+    "GradDropState",
     "LossWeighting",
+    "NashMTLState",
+    "PCGradState",
     "RlwState",
     "UncertaintyState",
+    "cagrad",
     "check_famo_losses",
     "dwa",
     "famo",
+    "graddrop",
+    "imtl_g",
     "linear_scalarization",
     "linearize_weigh",
     "loss_weights",
     "metrics",
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
     "problems",
     "random_loss_weighting",
     "scale_invariant",
