@@ -120,6 +120,13 @@ def weighting_step(weighting):
     return step
 
 
+@functools.cache
+def jitted_weighting(name):
+    """A weighting and its jitted step, shared by the tests (one compile per dtype)."""
+    weighting = LOSS_WEIGHTINGS[name]()
+    return weighting, jax.jit(weighting_step(weighting))
+
+
 @weighting_names
 def test_weighting_jits_without_retracing_over_100_steps(name):
     weighting = LOSS_WEIGHTINGS[name]()
@@ -136,7 +143,7 @@ def test_weighting_jits_without_retracing_over_100_steps(name):
 
 @weighting_names
 def test_weighting_vmaps_over_states(name):
-    weighting = LOSS_WEIGHTINGS[name]()
+    weighting, single = jitted_weighting(name)
     batch = 4
 
     def after(history):  # distinct histories, past DWA's equal-weights phase
@@ -155,7 +162,6 @@ def test_weighting_vmaps_over_states(name):
 
     step = weighting_step(weighting)
     batched = jax.jit(jax.vmap(step))(states, losses, next_losses)
-    single = jax.jit(step)
     looped = stack_trees(
         [single(tree_index(states, b), losses[b], next_losses[b]) for b in range(batch)]
     )
@@ -165,10 +171,10 @@ def test_weighting_vmaps_over_states(name):
 @weighting_names
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_weighting_preserves_dtypes(name, dtype):
-    weighting = LOSS_WEIGHTINGS[name]()
+    weighting, step = jitted_weighting(name)
     state = weighting.init()
     losses = random_losses(4).astype(dtype)
-    value, weights, new_state = jax.jit(weighting_step(weighting))(state, losses, 0.5 * losses)
+    value, weights, new_state = step(state, losses, losses * np.array(0.5, dtype))
     assert value.dtype == dtype and value.shape == ()
     assert weights.dtype == dtype and weights.shape == (NUM_TASKS,)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
@@ -207,8 +213,7 @@ def test_weighting_trains_a_multi_head_model_inside_optax_chain(name):
 def test_weighting_is_finite_on_zero_and_huge_losses(name):
     # Documented: FAMO and SI take log(loss + eps) with eps = 1e-8 by default, so
     # a zero loss is finite; with eps = 0 it is -inf (see test_weightings.py).
-    weighting = LOSS_WEIGHTINGS[name]()
-    step = jax.jit(weighting_step(weighting))
+    weighting, step = jitted_weighting(name)
     for case in ([0.0, 0.0, 0.0], [1e15, 1e15, 1e15], [0.0, 1.0, 1e15]):
         losses, state = jnp.array(case), weighting.init()
         for t in range(4):  # past DWA's equal-weights phase (window 2)
