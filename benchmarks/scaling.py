@@ -22,6 +22,9 @@ step (median over repeats after warm-up, ``block_until_ready`` after each call):
   vector: one forward pass and k vectorised backward passes, stacked on a
   leading task axis) are combined by the aggregator; the heads get the gradient
   of the mean loss (each head its own task's gradient / k).
+- ``O(k) floor``: the same per-task gradients combined with closed-form
+  weights ``w_i ~ 1 / ||g_i||`` read off their Gram matrix: what every
+  Gram-based aggregator pays before its simplex solver.
 
 LS and both FAMO modes are timed in interleaved rounds (one call of each per
 round, rotating order), so their ratios are robust to drifts of the machine's
@@ -66,12 +69,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
 import famo_jax  # noqa: E402
+from famo_jax import _aggregation  # noqa: E402
 
 FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
 LOSS_WEIGHTINGS = ("LS", "FAMO lagged", "FAMO same-batch")
-# Display name -> famo_jax factory name of the gradient aggregators.
+# Display name -> famo_jax factory name of the O(k) methods (None: defined here).
 AGGREGATORS = {
+    "O(k) floor": None,
     "CAGrad": "cagrad",
     "MGDA": "mgda",
     "PCGrad": "pcgrad",
@@ -259,8 +264,38 @@ def trunk_task_gradients(params: dict, x: jax.Array, y: jax.Array) -> tuple[dict
     return task_grads, feats
 
 
+def floor_aggregator() -> optax.GradientTransformation:
+    """The work every Gram-based aggregator does, with a closed-form solver.
+
+    Combines the task gradients with weights ``w_i ~ 1 / ||g_i||`` (normalised
+    to sum to one) read off their ``k x k`` Gram matrix. With the per-task
+    gradients in front of it, it is the floor of the O(k) methods: the k
+    backward passes, the stacked gradients and the Gram matrix, without a
+    simplex solver.
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(task_grads, state, params=None):
+        del params
+        gram = _aggregation.gram_matrix(task_grads)
+        inverse_norms = jax.lax.rsqrt(jnp.diag(gram) + 1e-12)
+        weights = inverse_norms / jnp.sum(inverse_norms)
+        return _aggregation.combine(task_grads, weights), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def aggregator_factory(name: str) -> Callable | None:
+    """The factory of an O(k) method, None if famo_jax does not have it (yet)."""
+    attr = AGGREGATORS[name]
+    return floor_aggregator if attr is None else getattr(famo_jax, attr, None)
+
+
 def make_aggregator(name: str) -> Callable:
-    factory = getattr(famo_jax, AGGREGATORS[name])
+    factory = aggregator_factory(name)
 
     def make(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
         aggregator = factory()
@@ -288,8 +323,8 @@ def available_methods() -> dict[str, Callable | None]:
         "FAMO lagged": make_famo_lagged,
         "FAMO same-batch": make_famo_same_batch,
     }
-    for name, attr in AGGREGATORS.items():
-        methods[name] = make_aggregator(name) if hasattr(famo_jax, attr) else None
+    for name in AGGREGATORS:
+        methods[name] = make_aggregator(name) if aggregator_factory(name) else None
     return methods
 
 
@@ -460,7 +495,8 @@ def _format(value: float, what: str) -> str:
 TABLE_TITLES = {
     "time": "Median step time (ratio to LS at the same k)",
     "memory": "Memory: argument + output + temp - alias bytes of the compiled step (ratio to LS)",
-    "flops": "XLA's estimate of the floating-point operations of one step (ratio to LS)",
+    "flops": "XLA's estimate of the floating-point operations of one step (ratio to LS; "
+    "a while loop's body is counted once, so iterative solvers are undercounted)",
 }
 
 
@@ -527,7 +563,7 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(METHODS, "os^DvP*X", strict=True))
+    markers = dict(zip(METHODS, "os^hDvP*X", strict=True))
     for method in settings.methods:
         points = [
             (r.num_tasks, ratio(results, method, r.num_tasks, "time"), r.memory_total)
@@ -540,6 +576,8 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
         style = dict(marker=markers.get(method, "o"), label=method)
         if method.startswith("FAMO") or method == "LS":
             style["linewidth"] = 2.5
+        elif method == "O(k) floor":
+            style.update(color="gray", linestyle="--")
         ax_time.plot(ks, ratios, **style)
         if all(m is not None for m in mems):
             ax_mem.plot(ks, np.asarray(mems) / 2**20, **style)

@@ -72,31 +72,35 @@ def test_scaling_quick_loss_weightings(tmp_path, capsys):
     assert '"results"' in json_path.read_text()
 
 
-def test_scaling_budget_skips_large_aggregators(monkeypatch, capsys):
-    monkeypatch.setattr(famo_jax, "cagrad", _mean_aggregator, raising=False)
+def test_scaling_aggregators_and_memory_budget(capsys):
+    # Every O(k) method famo_jax has runs through the benchmark at k=2; the memory
+    # budget (room for the float32 per-task gradients of 32 tasks) skips k=64.
     cfg = scaling.QUICK_MODEL
-    # Room for the float32 per-task gradients of 32 tasks: k=2 fits, k=64 does not.
     budget_gib = 4 * 32 * cfg.trunk_params / 2**30
+    o_k = list(scaling.AGGREGATORS)
     results = scaling.main(
-        [
-            *FAST,
-            "--ks",
-            "2",
-            "64",
-            "--methods",
-            "LS",
-            "CAGrad",
-            "--memory-budget-gib",
-            str(budget_gib),
-        ]
-    )
+        [*FAST, "--ks", "2", "64", "--methods", "LS", *o_k,
+         "--memory-budget-gib", str(budget_gib)]
+    )  # fmt: skip
     by_key = {(r.method, r.num_tasks): r for r in results}
-    assert by_key[("CAGrad", 2)].seconds is not None
-    assert by_key[("CAGrad", 2)].memory_total > by_key[("LS", 2)].memory_total
-    assert "memory budget" in by_key[("CAGrad", 64)].skipped
-    assert by_key[("CAGrad", 64)].seconds is None
     assert by_key[("LS", 64)].seconds is not None
-    assert "CAGrad from k=64" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for method in o_k:
+        small, large = by_key[(method, 2)], by_key[(method, 64)]
+        if scaling.aggregator_factory(method) is None:
+            assert small.skipped == large.skipped == "not in famo_jax"
+            continue
+        assert small.skipped is None and small.seconds > 0
+        assert small.memory_total > by_key[("LS", 2)].memory_total
+        assert "memory budget" in large.skipped and large.seconds is None
+        assert f"{method} from k=64" in out
+
+
+def test_floor_aggregator_weights_by_inverse_norm():
+    task_grads = {"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])}  # norms 5 and 1
+    out, _ = scaling.floor_aggregator().update(task_grads, optax.EmptyState())
+    weights = np.array([1 / 5, 1.0]) / (1 / 5 + 1.0)
+    np.testing.assert_allclose(out["w"], weights @ np.array([[3.0, 4.0], [0.0, 1.0]]), rtol=1e-6)
 
 
 def test_scaling_aggregator_step_matches_mean_gradient():
@@ -119,17 +123,6 @@ def test_scaling_aggregator_step_matches_mean_gradient():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), agg_params, ls_params
     )
-
-
-@pytest.mark.skipif(
-    not all(hasattr(famo_jax, name) for name in scaling.AGGREGATORS.values()),
-    reason="the gradient aggregators are not all in famo_jax yet",
-)
-def test_scaling_quick_all_methods():
-    results = scaling.main([*FAST, "--ks", "3", "--plot", "/dev/null"])
-    assert {r.method for r in results} == set(scaling.METHODS)
-    for r in results:
-        assert r.skipped is None and r.seconds > 0 and r.memory_total > 0
 
 
 def test_famo_lagged_skips_only_the_first_update():
@@ -181,7 +174,8 @@ def test_famo_overhead_quick(capsys):
     rows = famo_overhead.main(["--quick", "--ks", "2", "64"])
     assert [r["num_tasks"] for r in rows] == [2, 64]
     for r in rows:
-        assert r["in_scan_us"] >= 0 and r["per_call_us"] > 0 and math.isfinite(r["scan_total_us"])
+        assert r["step_us"] >= 0 and r["in_scan_us"] >= 0
+        assert r["per_call_us"] > 0 and math.isfinite(r["dispatch_us"])
     assert "ns / task" in capsys.readouterr().out
 
 
@@ -202,7 +196,9 @@ def test_vs_pytorch_skips_without_torch(monkeypatch, capsys):
 def test_vs_pytorch_quick_agrees_with_torch(capsys):
     pytest.importorskip("torch")
     out = vs_pytorch.main(["--quick", "--toy-steps", "300", "--repeats", "2"])
-    assert max(out["toy"]["diffs"].values()) <= vs_pytorch.TOY_ATOL
+    assert max(out["toy"]["diffs64"].values()) <= vs_pytorch.TOY_ATOL
+    # 300 float32 steps are far from the front, where rounding starts to matter.
+    assert max(out["toy"]["diffs"].values()) <= 1e-3
     for agreement in out["mlp"]["agreement"].values():
         assert agreement["params"] <= vs_pytorch.MLP_ATOL
         assert agreement["logits"] <= vs_pytorch.MLP_ATOL
@@ -210,13 +206,11 @@ def test_vs_pytorch_quick_agrees_with_torch(capsys):
 
 
 def test_local_toy_losses_match_famo_problems():
-    # The script's fallback definition (used when famo_jax.problems is missing).
+    # The script's fallback definition (used when famo_jax.problems is missing),
+    # values and gradients (the clamps' gradients follow torch.clamp).
     problems = pytest.importorskip("famo_jax.problems")
     theta = jnp.array([[-8.5, 7.5], [0.0, 0.0], [9.0, -1.0], [0.0, -8.0]])
-    np.testing.assert_allclose(
-        vs_pytorch._local_toy_losses(theta), problems.toy_losses(theta), rtol=1e-6
-    )
-    grads = lambda f: jax.vmap(jax.jacrev(f))(theta)
-    np.testing.assert_allclose(
-        grads(vs_pytorch._local_toy_losses), grads(problems.toy_losses), rtol=1e-5, atol=1e-7
-    )
+    both = lambda f: jax.jit(lambda t: (f(t), jax.vmap(jax.jacrev(f))(t)))(theta)
+    ours, theirs = both(vs_pytorch._local_toy_losses), both(problems.toy_losses)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-7)
