@@ -292,6 +292,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-tasks", type=int, default=3)
     parser.add_argument("--gamma", type=float, default=0.001)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"{jax.device_count()} devices: {jax.devices()}")
     if jax.device_count() == 1:
@@ -304,14 +305,16 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         batch_size=args.batch_size,
         num_tasks=args.num_tasks,
         gamma=args.gamma,
+        seed=args.seed,
     )
-    single = report.pop("single")
+    single = report["single"]
     print(
         f"single device: {single['num_updates']} FAMO updates, final task weights "
         f"{np.round(single['final_task_weights'], 4)}"
     )
     print("largest |difference| from the single-device run on the same global batch:")
-    for style, deviation in report.items():
+    for style in (s for s in report if s != "single"):
+        deviation = report[style]
         print(f"  {style:10s} " + "  ".join(f"{k} {v:.2e}" for k, v in deviation.items()))
     return report
 

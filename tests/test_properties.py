@@ -149,7 +149,7 @@ def test_permutation_equivariance(problem, rng):
         )
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=5)
 @given(problems())
 def test_jit_equals_eager(problem):
     prev, curr, logits = problem
