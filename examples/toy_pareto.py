@@ -349,6 +349,11 @@ def plot(
         if column == 0:
             top.set_ylabel(r"$\theta_2$")
             bottom.set_ylabel(r"$L_2$")
+    handles = [
+        matplotlib.lines.Line2D([], [], color=color, linewidth=2, label=f"start ({x:g}, {y:g})")
+        for color, (x, y) in zip(colors, results[0].starts, strict=False)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10)
     fig.suptitle(
         "Toy problem of the FAMO paper (Fig. 1), Adam lr 1e-3. Top: trajectories in "
         "parameter space over the average loss, grey: the Pareto set.\nBottom: in loss "
