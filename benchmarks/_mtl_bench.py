@@ -207,7 +207,9 @@ class Method:
       name: the row label.
       family: ``"stl"``, ``"weighting"`` (a :class:`famo_jax.LossWeighting`) or
         ``"aggregator"`` (an optax transformation of stacked task gradients).
-      build: ``num_tasks -> LossWeighting | GradientTransformation`` (None for STL).
+      build: ``(num_tasks, key) -> LossWeighting | GradientTransformation`` (None
+        for STL). It is called inside the traced training run with a key that
+        differs between seeds, for methods that draw random numbers.
       update: for weightings, how ``update(prev, curr, state)`` is called after
         the model step on losses ``l_t``: ``"same_batch"`` passes ``(l_t, the
         batch's losses re-computed after the step)`` (one extra forward pass, the
@@ -222,7 +224,7 @@ class Method:
 
     name: str
     family: str
-    build: Callable[[int], Any] | None = None
+    build: Callable[[int, jax.Array], Any] | None = None
     update: str = "step"
     reseed: Callable[[Any, jax.Array], Any] | None = None
 
@@ -259,30 +261,27 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
     not importable are left out (see :func:`unavailable`).
     """
     fj = famo_jax
+    famo_build = lambda k, key: fj.famo(k, learning_rate=famo_lr, gamma=gamma)
     candidates = [
         Method("STL", "stl"),
-        Method("LS", "weighting", lambda k: fj.linear_scalarization(k)),
-        Method("SI", "weighting", lambda k: fj.scale_invariant(k)),
-        Method("RLW", "weighting", lambda k: fj.random_loss_weighting(k), reseed=_replace_key),
-        Method("DWA", "weighting", lambda k: fj.dwa(k)),
-        Method("UW", "weighting", lambda k: fj.uncertainty_weighting(k)),
-        Method("MGDA", "aggregator", lambda k: fj.mgda()),
-        Method("PCGrad", "aggregator", lambda k: fj.pcgrad(seed=0)),
-        Method("CAGrad", "aggregator", lambda k: fj.cagrad(c=0.4)),
-        Method("IMTL-G", "aggregator", lambda k: fj.imtl_g()),
-        Method("Nash-MTL", "aggregator", lambda k: fj.nash_mtl()),
+        Method("LS", "weighting", lambda k, key: fj.linear_scalarization(k)),
+        Method("SI", "weighting", lambda k, key: fj.scale_invariant(k)),
         Method(
-            "FAMO",
+            "RLW",
             "weighting",
-            lambda k: fj.famo(k, learning_rate=famo_lr, gamma=gamma),
-            "same_batch",
+            lambda k, key: fj.random_loss_weighting(k),
+            reseed=_replace_key,
         ),
-        Method(
-            "FAMO-lagged",
-            "weighting",
-            lambda k: fj.famo(k, learning_rate=famo_lr, gamma=gamma),
-            "lagged",
-        ),
+        Method("DWA", "weighting", lambda k, key: fj.dwa(k)),
+        Method("UW", "weighting", lambda k, key: fj.uncertainty_weighting(k)),
+        Method("MGDA", "aggregator", lambda k, key: fj.mgda()),
+        # The task orders are drawn from a key that differs between seeds.
+        Method("PCGrad", "aggregator", lambda k, key: fj.pcgrad(key=key)),
+        Method("CAGrad", "aggregator", lambda k, key: fj.cagrad(c=0.4)),
+        Method("IMTL-G", "aggregator", lambda k, key: fj.imtl_g()),
+        Method("Nash-MTL", "aggregator", lambda k, key: fj.nash_mtl(k)),
+        Method("FAMO", "weighting", famo_build, "same_batch"),
+        Method("FAMO-lagged", "weighting", famo_build, "lagged"),
     ]
     return {
         m.name: m
@@ -293,7 +292,7 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
 
 def famo_gamma_variants(gamma: float, famo_lr: float = 0.025) -> dict[str, Method]:
     """FAMO same-batch and lagged with a given ``gamma`` (the ablation rows)."""
-    build = lambda k: famo_jax.famo(k, learning_rate=famo_lr, gamma=gamma)
+    build = lambda k, key: famo_jax.famo(k, learning_rate=famo_lr, gamma=gamma)
     same = f"FAMO (γ={gamma:g})"
     lagged = f"FAMO-lagged (γ={gamma:g})"
     return {
@@ -387,13 +386,17 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
             # Trunk: the aggregate of the k task gradients, times k (the authors'
             # sum convention); heads: each its own task's gradient.
             transform = optax.chain(
-                famo_jax.shared_trunk(method.build(k), {"trunk": True, "heads": False}),
+                famo_jax.shared_trunk(method.build(k, k_method), {"trunk": True, "heads": False}),
                 optax.scale(float(k)),
             )
             method_state = transform.init(params)
             value_and_task_grads = famo_jax.task_gradients(task_losses)
         else:
-            weighting = _fixed_weighting(stl_weights) if method.family == "stl" else method.build(k)
+            weighting = (
+                _fixed_weighting(stl_weights)
+                if method.family == "stl"
+                else method.build(k, k_method)
+            )
             method_state = weighting.init()
         if method.reseed is not None:
             method_state = method.reseed(method_state, k_method)
@@ -757,6 +760,25 @@ def report(summary: Summary, command: str, title: str) -> str:
             train_loss_table(summary),
         ]
     return "\n".join(parts)
+
+
+class RunClock:
+    """Wall and CPU time of a whole benchmark run, and the machine's load."""
+
+    def __init__(self):
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+        self.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    def summary(self) -> str:
+        wall = time.perf_counter() - self.wall
+        cpu = time.process_time() - self.cpu
+        return (
+            f"Whole run (data, compilation and training of every row): {wall:.0f} s wall, "
+            f"{cpu:.0f} s CPU (user + system, all threads) on {os.cpu_count()} cores; "
+            f"load average {self.load:.1f} when it started (values well above the core "
+            "count mean a shared machine, whose wall times are inflated)."
+        )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, docs_path: str) -> None:

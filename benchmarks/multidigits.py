@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -177,7 +176,7 @@ def load_multidigits(
     )
 
 
-FULL = dict(num_train=8000, num_val=2000, num_test=2000)
+FULL = dict(num_train=6000, num_val=2000, num_test=2000)
 QUICK = dict(num_train=512, num_val=128, num_test=128)
 
 
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, mtl.Summary]:
 
     sizes = QUICK if args.quick else FULL
     cfg = mtl.TrainConfig(
-        hidden=(32,) if args.quick else (256, 256),
+        hidden=(32,) if args.quick else (128, 128),
         epochs=args.epochs or (2 if args.quick else 20),
         batch_size=64 if args.quick else 128,
         num_seeds=args.seeds or (2 if args.quick else 3),
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, mtl.Summary]:
     variants = VARIANTS if args.variant == "both" else (args.variant,)
     command = " ".join(["python benchmarks/multidigits.py", *argv])
     summaries, sections = {}, []
-    start = time.perf_counter()
+    clock = mtl.RunClock()
     for variant in variants:
         bench = load_multidigits(variant, **sizes)
         summary = mtl.run_benchmark(
@@ -208,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, mtl.Summary]:
         )
         summaries[variant] = summary
         sections.append(mtl.report(summary, command, f"MultiDigits-{variant}"))
-    total = time.perf_counter() - start
-    text = "\n\n".join(sections) + f"\n\nTotal wall time (compile included): {total:.0f} s.\n"
+    text = "\n\n".join(sections) + f"\n\n{clock.summary()}\n"
     print("\n" + text)
     mtl.write_markdown(args, DOCS_PATH, "MultiDigits", text)
     return summaries

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -156,16 +155,12 @@ def main(argv: list[str] | None = None) -> mtl.Summary:
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
     )
     command = " ".join(["python benchmarks/qm9_like.py", *argv])
-    start = time.perf_counter()
+    clock = mtl.RunClock()
     bench = load_qm9_like(**(QUICK if args.quick else FULL))
     summary = mtl.run_benchmark(
         bench, cfg, args.methods, args.gamma, ablation_gammas=mtl.ablation_gammas(args)
     )
-    total = time.perf_counter() - start
-    text = (
-        mtl.report(summary, command, "QM9-like (synthetic)")
-        + f"\n\nTotal wall time (compile included): {total:.0f} s.\n"
-    )
+    text = mtl.report(summary, command, "QM9-like (synthetic)") + f"\n\n{clock.summary()}\n"
     print("\n" + text)
     mtl.write_markdown(args, DOCS_PATH, "QM9-like (synthetic)", text)
     return summary

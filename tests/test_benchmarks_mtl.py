@@ -152,7 +152,7 @@ def test_stl_trains_each_task_alone_and_rows_line_up():
 
 def test_rlw_states_are_reseeded_per_run():
     rlw = mtl.method_registry()["RLW"]
-    weighting = rlw.build(3)
+    weighting = rlw.build(3, jax.random.key(0))
     losses = jnp.ones(3)
 
     @jax.jit
@@ -165,24 +165,31 @@ def test_rlw_states_are_reseeded_per_run():
     assert not np.allclose(w0, w1)
 
 
-# Every code path of the harness: STL, a loss weighting updated with the step's
-# losses, FAMO same-batch and lagged, a gradient aggregator. The full method
-# list runs with `--quick` alone (about three times longer).
-QUICK_METHODS = ["STL", "LS", "FAMO", "FAMO-lagged", "CAGrad"]
+# Together the two runs take every code path of the harness: STL, a loss
+# weighting updated with the step's losses, FAMO same-batch and lagged, and a
+# gradient aggregator (with and without a PRNG key), on the three task kinds.
+# The full method list runs with `--quick` alone (about three times longer).
+QUICK_METHODS = {
+    "multidigits": ["STL", "FAMO", "CAGrad"],
+    "qm9_like": ["STL", "LS", "FAMO", "FAMO-lagged", "PCGrad"],
+}
 
 
 @pytest.mark.parametrize("script", ["multidigits", "qm9_like"])
 def test_quick_run_end_to_end(script, capsys):
     module = {"multidigits": multidigits, "qm9_like": qm9_like}[script]
-    methods = [m for m in QUICK_METHODS if m in mtl.method_registry()]
+    methods = QUICK_METHODS[script]
     result = module.main(["--quick", "--methods", *methods])
-    summaries = result.values() if isinstance(result, dict) else [result]
+    summaries = list(result.values()) if isinstance(result, dict) else [result]
+    assert len(summaries) == (2 if script == "multidigits" else 1)
     out = capsys.readouterr().out
-    assert "Δm%" in out and "γ = 0.001" in out
+    assert "Δm%" in out and "γ = 0.001" in out and "FAMO variants" in out
     for summary in summaries:
         assert list(summary.results) == methods
-        assert summary.results["STL"].test_metrics.shape[0] == 2  # seeds
-        for name in summary.results:
+        k = summary.bench.num_tasks
+        for name, result in summary.results.items():
+            assert result.test_metrics.shape == (2, 2, k), name  # seeds, epochs, tasks
+            assert np.all(np.isfinite(result.train_losses)), name
             if name != "STL":
                 dm = summary.delta_m_per_seed(name)
                 assert dm.shape == (2,) and np.all(np.isfinite(dm)), name
