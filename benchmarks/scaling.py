@@ -34,8 +34,8 @@ buffers of parameters and optimizer states).
 
 Budgets: an aggregator is skipped at k (and every larger k) when its per-task
 gradients alone, or its compiled memory, exceed ``--memory-budget-gib``, or
-when its step time predicted from the two previous k (power-law extrapolation)
-exceeds ``--time-budget-s``; the tables say which.
+when its step time predicted from the previous k (linear in k) exceeds
+``--time-budget-s``; the tables say which.
 
 No recompilation in the timed loops: every step is compiled ahead of time
 (``jax.jit(step).lower(...).compile()``, which also fills jit's cache), and
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -200,9 +199,11 @@ def make_ls(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
     return step, (params, MODEL_OPTIMIZER.init(params), weighting.init())
 
 
-def make_famo_lagged(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
+def make_famo_lagged(
+    params: dict, x: jax.Array, y: jax.Array, **famo_kwargs: Any
+) -> tuple[Callable, Any]:
     num_tasks = y.shape[1]
-    weighting = famo_jax.famo(num_tasks)
+    weighting = famo_jax.famo(num_tasks, **famo_kwargs)
 
     def step(carry, x, y):
         params, opt_state, state, prev_losses = carry
@@ -223,13 +224,15 @@ def make_famo_lagged(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable
     # the CPU backend.) A previous forward pass at the same parameters would not
     # do: its losses differ from the step's by rounding, and Adam turns such a
     # ~1e-8 change of the log losses into a full-size logits step.
-    no_losses = jnp.full((num_tasks,), jnp.nan, jnp.float32)
+    no_losses = jnp.full((num_tasks,), jnp.nan, y.dtype)
     return step, (params, MODEL_OPTIMIZER.init(params), weighting.init(), no_losses)
 
 
-def make_famo_same_batch(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
+def make_famo_same_batch(
+    params: dict, x: jax.Array, y: jax.Array, **famo_kwargs: Any
+) -> tuple[Callable, Any]:
     num_tasks = y.shape[1]
-    weighting = famo_jax.famo(num_tasks)
+    weighting = famo_jax.famo(num_tasks, **famo_kwargs)
 
     def step(carry, x, y):
         params, opt_state, state = carry
@@ -358,15 +361,16 @@ class Settings:
 
 
 def _predict_seconds(history: list[tuple[int, float]], num_tasks: int) -> float | None:
-    """Power-law extrapolation of the step time from the last two measured k."""
+    """Linear extrapolation in k of the step time from the last measured k.
+
+    The O(k) methods' cost is dominated by the k backward passes up to the k
+    this benchmark reaches; a fit of the growth between two noisy points would
+    skip methods that would have fitted the budget.
+    """
     if not history:
         return None
-    if len(history) == 1:
-        k0, t0 = history[-1]
-        return t0 * num_tasks / k0
-    (k0, t0), (k1, t1) = history[-2:]
-    exponent = max(1.0, math.log(t1 / t0) / math.log(k1 / k0)) if t1 > t0 else 1.0
-    return t1 * (num_tasks / k1) ** exponent
+    last_k, last_seconds = history[-1]
+    return last_seconds * num_tasks / last_k
 
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
@@ -564,6 +568,9 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     markers = dict(zip(METHODS, "os^hDvP*X", strict=True))
+    palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
+    palette += ["tab:brown", "tab:pink", "tab:olive"]
+    colors = dict(zip(METHODS, palette, strict=True))
     for method in settings.methods:
         points = [
             (r.num_tasks, ratio(results, method, r.num_tasks, "time"), r.memory_total)
@@ -573,11 +580,11 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
         if not points:
             continue
         ks, ratios, mems = zip(*points, strict=True)
-        style = dict(marker=markers.get(method, "o"), label=method)
+        style = dict(marker=markers.get(method, "o"), label=method, color=colors[method])
         if method.startswith("FAMO") or method == "LS":
             style["linewidth"] = 2.5
         elif method == "O(k) floor":
-            style.update(color="gray", linestyle="--")
+            style["linestyle"] = "--"
         ax_time.plot(ks, ratios, **style)
         if all(m is not None for m in mems):
             ax_mem.plot(ks, np.asarray(mems) / 2**20, **style)
@@ -592,10 +599,12 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     ax_time.set_title("Training-step time relative to LS")
     ax_mem.set_title("Memory (XLA: argument + output + temp - alias)")
     ax_time.legend(fontsize=8)
+    info = _timing.machine_info()
     fig.suptitle(
-        f"~1M-parameter shared trunk ({settings.model.trunk_params:,}), "
-        f"batch {settings.model.batch_size}, {jax.default_backend()}",
-        fontsize=10,
+        f"Shared trunk of {settings.model.trunk_params:,} parameters, batch "
+        f"{settings.model.batch_size}; {jax.default_backend()}, {info['cpu count']}; "
+        f"load average {info.get('load average (1, 5, 15 min)', 'n/a')}",
+        fontsize=9,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -632,7 +641,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         ks=tuple(args.ks or (QUICK_KS if args.quick else FULL_KS)),
         methods=tuple(args.methods or METHODS),
         warmup=1 if args.quick else 2,
-        rounds=args.rounds or (3 if args.quick else 30),
+        rounds=args.rounds or (3 if args.quick else 50),
         repeats=args.repeats or (3 if args.quick else 10),
         max_seconds=1.0 if args.quick else 8.0,
         time_budget_s=args.time_budget_s,

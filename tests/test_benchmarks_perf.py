@@ -138,13 +138,10 @@ def test_famo_lagged_skips_only_the_first_update():
     assert np.all(np.isfinite(state.logits))
 
 
-def test_predict_seconds_extrapolates_power_law():
+def test_predict_seconds_extrapolates_linearly_in_k():
     assert scaling._predict_seconds([], 10) is None
     assert scaling._predict_seconds([(10, 1.0)], 40) == pytest.approx(4.0)
-    # Quadratic growth between the last two points is extrapolated as quadratic.
-    assert scaling._predict_seconds([(10, 1.0), (20, 4.0)], 40) == pytest.approx(16.0)
-    # Never extrapolated as sublinear.
-    assert scaling._predict_seconds([(10, 1.0), (20, 1.0)], 40) == pytest.approx(2.0)
+    assert scaling._predict_seconds([(10, 1.0), (20, 4.0)], 40) == pytest.approx(8.0)
 
 
 def test_compile_counter_detects_recompilation():
@@ -199,9 +196,10 @@ def test_vs_pytorch_quick_agrees_with_torch(capsys):
     assert max(out["toy"]["diffs64"].values()) <= vs_pytorch.TOY_ATOL
     # 300 float32 steps are far from the front, where rounding starts to matter.
     assert max(out["toy"]["diffs"].values()) <= 1e-3
-    for agreement in out["mlp"]["agreement"].values():
-        assert agreement["params"] <= vs_pytorch.MLP_ATOL
-        assert agreement["logits"] <= vs_pytorch.MLP_ATOL
+    for (_, precision), agreement in out["mlp"]["agreement"].items():
+        tol = vs_pytorch.MLP_ATOL if precision == "float64" else 1e-4
+        assert agreement["params"] <= tol and agreement["logits"] <= tol
+    assert {precision for _, precision in out["mlp"]["agreement"]} == {"float32", "float64"}
     assert "speed-up" in capsys.readouterr().out
 
 
