@@ -140,7 +140,11 @@ def graddrop(
             keep = jnp.where(purity > uniform, grads > 0, grads < 0) & (purity != uniform)
             task_leaks = jnp.asarray(leaks, dtype).reshape((-1,) + (1,) * (grads.ndim - 1))
             factors = task_leaks + (1.0 - task_leaks) * keep.astype(dtype)
-            return jnp.mean(factors * grads, axis=0).astype(leaf.dtype)
+            out = jnp.mean(factors * grads, axis=0)
+            # A dropped non-finite entry would vanish (XLA may turn the product
+            # with a 0/1 mask into a select); make the entry non-finite instead.
+            out = jnp.where(jnp.isfinite(magnitude), out, jnp.nan)
+            return out.astype(leaf.dtype)
 
         out = [drop(leaf, leaf_key) for leaf, leaf_key in zip(leaves, leaf_keys, strict=True)]
         return jax.tree.unflatten(treedef, out), GradDropState(key=next_key)
