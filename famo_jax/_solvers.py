@@ -8,10 +8,11 @@ are ``jax.lax.while_loop`` with a fixed iteration cap, so they run under
 
 * :func:`min_norm_weights` and :func:`cagrad_weights` minimise a smooth convex
   function over the probability simplex with a primal-dual interior-point
-  method (Mehrotra predictor-corrector on the KKT conditions). Each iteration
-  solves one ``k x k`` symmetric positive definite system (Cholesky after a
-  diagonal rescaling), so a solve costs ``O(k^3)`` per iteration and about
-  15-40 iterations.
+  method (Mehrotra predictor-corrector on the KKT conditions, globalised by a
+  line search on a barrier merit function). Each iteration factorises one
+  ``k x k`` symmetric positive definite system (Cholesky after a diagonal
+  rescaling), ``O(k^3)``; a solve takes about 5-30 iterations, at most 60 (the
+  degenerate problems whose optimum is zero use the most).
 * :func:`nash_mtl_weights` solves ``A alpha = 1 / alpha`` (``alpha > 0``) as the
   unique minimiser of the strictly convex, self-concordant function
   ``alpha^T A alpha / 2 - sum(log(alpha))`` with damped Newton steps.
