@@ -85,7 +85,7 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> optax.GradientTransformation:
 
     Cost: the Gram matrix, :math:`O(k^2 m)` time for :math:`m` parameters and
     :math:`O(k^2)` extra memory, one weighted sum :math:`O(k m)`, and an
-    interior-point solve of :math:`O(k^3)` per iteration (15-40 iterations).
+    interior-point solve of :math:`O(k^3)` per iteration (5-30 iterations, at most 60).
 
     Args:
       c: the radius :math:`c \ge 0` of the ball around the mean gradient, in
