@@ -153,7 +153,7 @@ def test_cagrad_equals_the_authors_g_in_float32():
     for seed in range(3):
         flat = cagrad_inputs(seed)
         grads = as_float32(flat).T
-        out, _ = aggregate("cagrad", flat)
+        out, _ = aggregate("cagrad", flat, c=C, rescale=1)
         # float32 determines the dual weights (a flat minimum) to ~1e-4, hence g.
         reference, _, _ = authors_cagrad(grads, ftol=1e-15)
         assert np.linalg.norm(out - reference) <= 1e-4 * np.linalg.norm(reference)
@@ -577,7 +577,7 @@ def test_graddrop_rejects_bad_leaks():
 # All aggregators: one task, non-finite gradients, bfloat16 values, task order.
 
 ALL = {
-    "cagrad": {"rescale": 2},
+    "cagrad": {"c": C, "rescale": 2},
     "mgda": {},
     "pcgrad": {"seed": 0},
     "imtl_g": {},
