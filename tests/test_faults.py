@@ -385,16 +385,6 @@ AGGREGATORS = {
 }
 PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
 
-# famo_jax/_graddrop.py under jit: the 0/1 keep mask times the gradient is simplified
-# by XLA into a select, so a NaN or +inf task gradient (whose purity is NaN and which
-# is therefore "dropped") vanishes and the output is finite (eager gives NaN).
-GRADDROP_DROPS_NON_FINITE = pytest.mark.xfail(
-    strict=True,
-    reason="graddrop under jit returns a finite output for NaN/+inf task gradients "
-    "(reported; its docstring promises NaN in the affected entries)",
-)
-
-
 def task_grads(k, seed=0):
     keys = jax.random.split(jax.random.key(seed))
     return {
@@ -446,8 +436,6 @@ def warm_state(name, k):
 )
 @pytest.mark.parametrize("name", list(AGGREGATORS))
 def test_aggregator_non_finite_task_gradient_gives_non_finite_output(request, name, bad):
-    if name == "graddrop" and not bad < 0:  # NaN and +inf
-        request.applymarker(GRADDROP_DROPS_NON_FINITE)
     _, update = aggregator(name, K)
     state = warm_state(name, K)
     grads = task_grads(K)
