@@ -57,28 +57,33 @@ def mgda(normalization: str = "none") -> optax.GradientTransformationExtraArgs:
         w = \arg\min_{w \in \Delta_k} \Big\|\sum_i w_i g_i\Big\|^2 ,
 
     found in pure JAX by an interior-point method on the ``k x k`` Gram matrix
-    (see ``famo_jax._solvers``; the authors use a Frank-Wolfe solver with at most
-    250 iterations and tolerance 1e-5, so their weights are approximate). When
-    the hull does not contain zero, :math:`\langle d, g_i\rangle \ge \|d\|^2 > 0`
-    for every task, so no task gets worse to first order; when it does, the
-    parameters are Pareto-stationary and :math:`d = 0`.
+    (see ``famo_jax._solvers``). When the hull does not contain zero,
+    :math:`\langle d, g_i\rangle \ge \|d\|^2 > 0` for every task, so no task
+    gets worse to first order; when it does, the parameters are
+    Pareto-stationary and :math:`d = 0`. Sener & Koltun's ``MinNormSolver``
+    (also used by the Nash-MTL and FAMO repositories) starts from the best pair
+    of tasks and runs projected-gradient steps until the weights change by less
+    than 1e-5, so its weights are approximate; its two-task formula also clamps
+    the weight to [0.001, 0.999], where here it can be exactly 0 or 1.
 
-    Normalisation (as in Sener & Koltun's ``gradient_normalizers``): the
-    weights can be computed from normalised gradients :math:`g_i / n_i` with
-    :math:`n_i = \|g_i\|` (``"l2"``), the loss :math:`\ell_i` (``"loss"``) or
-    :math:`\ell_i \|g_i\|` (``"loss+"``); as in their code the weights are then
-    applied to the raw gradients. ``"none"`` (the default of the Nash-MTL and
-    FAMO repositories used for the FAMO paper's tables) uses the raw
-    gradients. ``"loss"`` and ``"loss+"`` need the task losses, passed as
-    ``update(updates, state, params, losses=losses)`` (``optax.chain``
-    forwards keyword arguments). A zero normaliser is replaced by 1.
+    Normalisation (Sener & Koltun's ``gradient_normalizers``): the weights can
+    be computed from normalised gradients :math:`g_i / n_i` with :math:`n_i =
+    \|g_i\|` (``"l2"``), the loss :math:`\ell_i` (``"loss"``) or :math:`\ell_i
+    \|g_i\|` (``"loss+"``, the setting of their sample configuration); as in
+    their code the weights are then applied to the raw gradients. ``"none"``
+    (the default here and in the Nash-MTL and FAMO repositories) uses the raw
+    gradients. ``"loss"`` and
+    ``"loss+"`` need the task losses, passed as ``update(updates, state,
+    params, losses=losses)`` (``optax.chain`` forwards keyword arguments). A
+    zero normaliser (a zero gradient or loss, where their code divides by zero)
+    is replaced by 1.
 
     Scale convention: :math:`\sum_i w_i = 1`, so the output is on the scale of
     the *mean* of the task gradients (equal task gradients give exactly that
-    gradient). The authors' trainers multiply the weights by :math:`k` (sum
-    convention): ``optax.chain(famo_jax.mgda(), optax.scale(num_tasks))``;
-    Nash-MTL's and FAMO's trainers also clip the shared gradient to norm 1.
-    For ``k = 1`` the output is the task gradient.
+    gradient), as in Sener & Koltun's trainer. The Nash-MTL and FAMO trainers
+    multiply the weights by :math:`k` (sum convention):
+    ``optax.chain(famo_jax.mgda(), optax.scale(num_tasks))``, and clip the
+    shared gradient to norm 1. For ``k = 1`` the output is the task gradient.
 
     Non-finite task gradients: the output is NaN (``optax.apply_if_finite``
     then skips the step); there is no state to corrupt.
