@@ -790,6 +790,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, docs_path: str) -> Non
     )
     parser.add_argument("--methods", nargs="+", default=None, help="rows (default: all)")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="Adam's peak learning rate")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--gamma", type=float, default=0.001, help="FAMO's decay γ")
     parser.add_argument(

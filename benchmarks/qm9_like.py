@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> mtl.Summary:
         hidden=(32,) if args.quick else (128, 128),
         epochs=args.epochs or (2 if args.quick else 40),
         batch_size=64 if args.quick else 128,
+        learning_rate=args.lr or 1e-3,  # the authors' model lr on QM9
         num_seeds=args.seeds or (2 if args.quick else 3),
         zero_init_heads=True,
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
