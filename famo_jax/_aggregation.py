@@ -63,7 +63,11 @@ def gram_matrix(task_grads: TaskGradients, dtype=None) -> jax.Array:
     gram = jnp.zeros((k, k), dtype)
     for leaf in jax.tree.leaves(task_grads):
         flat = leaf.reshape(k, -1)
-        gram = gram + jnp.matmul(flat, flat.T, preferred_element_type=dtype).astype(dtype)
+        # HIGHEST: the simplex solvers need the Gram matrix to full precision; the
+        # default on TPU would round the inputs to bfloat16.
+        gram = gram + jnp.matmul(
+            flat, flat.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype
+        ).astype(dtype)
     return gram
 
 
