@@ -122,9 +122,8 @@ def train(
         idx = jax.random.randint(step_key, (batch_size,), 0, num_train)
         return problem.x_train[idx], problem.y_train[idx]
 
-    def step(carry, inputs):
+    def step(carry, step_key):
         params, opt_state, famo_state, prev_losses = carry
-        step_index, step_key = inputs
         x, y = batch_at(step_key)
 
         def objective(p):
@@ -143,22 +142,17 @@ def train(
             )
         elif method == "famo_lagged":
             # No extra forward pass: this step's losses against the previous step's
-            # (on a different batch). The first step has no predecessor and is skipped.
-            famo_state = jax.lax.cond(
-                step_index == 0,
-                lambda s: s,
-                lambda s: weighting.update(prev_losses, losses, s),
-                famo_state,
-            )
+            # (on a different batch). The first step's "previous losses" are NaN, so
+            # update skips it by its rule for non-finite losses: no branch needed.
+            famo_state = weighting.update(prev_losses, losses, famo_state)
         carry = (new_params, opt_state, famo_state, losses)
         return carry, (losses, famo_state.task_weights)
 
     @jax.jit
     def run(params):
-        carry = (params, model_opt.init(params), weighting.init(), jnp.zeros(num_tasks))
-        (params, *_), (losses, weights) = jax.lax.scan(
-            step, carry, (jnp.arange(steps), jax.random.split(k_data, steps))
-        )
+        no_prev_losses = jnp.full(num_tasks, jnp.nan)
+        carry = (params, model_opt.init(params), weighting.init(), no_prev_losses)
+        (params, *_), (losses, weights) = jax.lax.scan(step, carry, jax.random.split(k_data, steps))
         return params, losses, weights
 
     return run(params)
