@@ -31,6 +31,12 @@ def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) ->
     """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
     if allow_callable and callable(value):
         return value
+    if np.ndim(value) == 0 and isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        # A concrete 0-d array (e.g. jnp.asarray(0.01)) is a number too; a tracer
+        # is not, because the factory runs in Python and needs the value.
+        if isinstance(value, jax.core.Tracer) or not np.issubdtype(value.dtype, np.number):
+            raise TypeError(f"{name} must be a concrete number >= 0, got {value!r}.")
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
         raise TypeError(f"{name} must be {expected}, got {value!r}.")

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
@@ -318,9 +317,11 @@ def check_famo_losses(
     # Same precision as famo() with its float32 logits: in bfloat16/float16 the
     # rounded bound could disagree with the one that update() uses.
     losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
-    bound = jnp.broadcast_to(
-        jnp.asarray(0.0 if min_losses is None else np.asarray(min_losses), losses.dtype),
-        losses.shape,
+    bound = jnp.asarray(
+        _checks.check_task_vector(
+            "min_losses", 0.0 if min_losses is None else min_losses, losses.shape[0]
+        ),
+        losses.dtype,
     )
     valid = jnp.isfinite(losses) & (losses - bound + eps > 0)
     first_bad = jnp.argmin(valid)

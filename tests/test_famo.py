@@ -280,6 +280,8 @@ def test_axis_name_averages_losses_across_the_mapped_axis():
         (dict(num_tasks="3"), TypeError, r"num_tasks must be a positive int, got '3'"),
         (dict(learning_rate=-0.1), ValueError, r"learning_rate must be .*>= 0, got -0\.1"),
         (dict(learning_rate=float("nan")), ValueError, r"learning_rate must be .*got nan"),
+        (dict(learning_rate=jnp.asarray(-0.5)), ValueError, r"learning_rate must be .*got -0\.5"),
+        (dict(learning_rate=jnp.ones(2)), TypeError, r"learning_rate must be a number >= 0"),
         (dict(gamma=-1e-3), ValueError, r"gamma must be .*>= 0, got -0\.001"),
         (dict(gamma=float("nan")), ValueError, r"gamma must be .*got nan"),
         (dict(min_losses=[0.0, 0.0]), ValueError, r"min_losses must .*\(3,\), got shape \(2,\)"),
@@ -387,6 +389,18 @@ def test_check_famo_losses_raises_eagerly_naming_the_task():
         famo_jax.check_famo_losses(jnp.array([np.nan, 1.0, np.inf]))
     with pytest.raises(TypeError, match="losses must be a 1-D array of floats"):
         famo_jax.check_famo_losses(jnp.ones(K, jnp.int32))
+    with pytest.raises(ValueError, match=r"min_losses must .*\(3,\), got shape \(2,\)"):
+        famo_jax.check_famo_losses(jnp.ones(K), [0.0, 0.0])
+
+
+def test_learning_rate_accepts_a_concrete_zero_dim_array():
+    losses = _sequence(3, num_steps=1)
+    as_float = famo_jax.famo(K, learning_rate=0.025, min_losses=MIN_LOSSES)
+    as_array = famo_jax.famo(K, learning_rate=jnp.asarray(0.025), min_losses=MIN_LOSSES)
+    chex.assert_trees_all_equal(
+        as_float.update(losses[0], losses[1], as_float.init()),
+        as_array.update(losses[0], losses[1], as_array.init()),
+    )
 
 
 def test_check_famo_losses_under_checkify_and_jit_names_the_first_bad_task():
