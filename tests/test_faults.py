@@ -385,6 +385,7 @@ AGGREGATORS = {
 }
 PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
 
+
 def task_grads(k, seed=0):
     keys = jax.random.split(jax.random.key(seed))
     return {
@@ -435,7 +436,7 @@ def warm_state(name, k):
     ],
 )
 @pytest.mark.parametrize("name", list(AGGREGATORS))
-def test_aggregator_non_finite_task_gradient_gives_non_finite_output(request, name, bad):
+def test_aggregator_non_finite_task_gradient_gives_non_finite_output(name, bad):
     _, update = aggregator(name, K)
     state = warm_state(name, K)
     grads = task_grads(K)
