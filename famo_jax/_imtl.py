@@ -106,7 +106,7 @@ def imtl_g() -> optax.GradientTransformation:
       >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 3.0]])
       >>> tx = famo_jax.imtl_g()
       >>> g, _ = tx.update(task_grads, tx.init(None))
-      >>> g  # equal projections (0.75) on both task directions
+      >>> jnp.round(g, 4)  # equal projections (0.75) on both task directions
       Array([0.75, 0.75], dtype=float32)
 
     References:

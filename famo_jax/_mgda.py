@@ -112,7 +112,7 @@ def mgda(normalization: str = "none") -> optax.GradientTransformationExtraArgs:
       >>> task_grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
       >>> tx = famo_jax.mgda()
       >>> d, _ = tx.update(task_grads, tx.init(None))
-      >>> d  # the min-norm point of the segment between e1 and e2
+      >>> jnp.round(d, 4)  # the min-norm point of the segment between e1 and e2
       Array([0.5, 0.5], dtype=float32)
 
     References:

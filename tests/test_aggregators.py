@@ -261,12 +261,20 @@ def test_mgda_equals_the_min_norm_element(normalization):
         flat[2] -= flat[0]  # some conflict
         losses = np.exp(np.random.default_rng(seed).standard_normal(K)).astype(np.float32)
         out, _ = update(from_flat(flat), tx.init(None), None, losses=jnp.asarray(losses))
-        reference = K * sener_koltun_mgda(
-            as_float32(flat), losses.astype(np.float64), normalization
-        )
+        grads = as_float32(flat)
+        reference = K * sener_koltun_mgda(grads, losses.astype(np.float64), normalization)
+        # The weights come from float32 Gram matrices with condition numbers up to
+        # 1e5, so they are exact to about 1e-5 (the objective is exact to rounding)
+        # and their error reaches the output through the raw gradients:
+        # |d - d_ref| <= K |w - w_ref|_1 max_i |g_i|. Which digits go depends on the
+        # CPU's kernels (seen: 2e-6 on an Intel Xeon, 1.1e-5 on an AMD EPYC).
         np.testing.assert_allclose(
-            flat_output(out), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max()
+            flat_output(out), reference, rtol=1e-4, atol=5e-5 * K * np.abs(grads).max()
         )
+        if normalization == "none":  # the output is the min-norm point itself
+            np.testing.assert_allclose(
+                np.linalg.norm(flat_output(out)), np.linalg.norm(reference), rtol=1e-5
+            )
 
 
 @PROPERTY_SETTINGS

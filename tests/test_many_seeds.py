@@ -1,9 +1,10 @@
 """Many seeds in one program: vmap of a whole FAMO training run equals separate runs.
 
 Tolerance: the vmapped program batches the same operations (each seed's matmuls
-become one batched matmul), so only the reduction order inside XLA's kernels
-may differ. On CPU the results are bitwise equal; the test allows 1e-6 (float32
-values of order one) so that another backend's batched kernels do not fail it.
+become one batched matmul), so only the rounding inside XLA's kernels may
+differ. On an Intel Xeon the results were bitwise equal; on an AMD EPYC the
+batched kernels differ in the last bit, which 25 steps grow to 2e-7 relative.
+The test allows 1e-5 relative (and 1e-6 absolute for values near zero).
 """
 
 import chex
@@ -30,9 +31,9 @@ def test_vmapped_run_equals_separate_runs(runs):
     chex.assert_shape(losses, (NUM_SEEDS, NUM_STEPS, CONFIG.num_tasks))
     for seed, (state, seed_losses) in enumerate(separate):
         chex.assert_trees_all_close(
-            jax.tree.map(lambda a, seed=seed: a[seed], states), state, atol=1e-6, rtol=0
+            jax.tree.map(lambda a, seed=seed: a[seed], states), state, atol=1e-6, rtol=1e-5
         )
-        chex.assert_trees_all_close(losses[seed], seed_losses, atol=1e-6, rtol=0)
+        chex.assert_trees_all_close(losses[seed], seed_losses, atol=1e-6, rtol=1e-5)
 
 
 def test_seeds_are_distinct_runs_that_trained_famo(runs):
