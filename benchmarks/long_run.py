@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import famo_jax
-from famo_jax._famo import _reference_adam
+from famo_jax.weighting import reference_adam
 
 REGIMES = ("noise", "imbalanced", "wild")
 GAMMAS = (0.0, 0.001, 0.01)
@@ -95,8 +95,8 @@ class Stats(NamedTuple):
 
 
 class Carry(NamedTuple):
-    state32: famo_jax.FamoState
-    state64: famo_jax.FamoState
+    state32: famo_jax.FAMOState
+    state64: famo_jax.FAMOState
     stats: Stats
 
 
@@ -159,7 +159,7 @@ def make_run_chunk(num_tasks: int, chunk: int, learning_rate: float = LEARNING_R
 
     def run_chunk(carry: Carry, start, key, regime, gamma) -> Carry:
         # famo()'s default optimizer, built with a traced gamma.
-        optimizer = _reference_adam(learning_rate, gamma)
+        optimizer = reference_adam(learning_rate, gamma)
         weighting32 = famo_jax.famo(num_tasks, optimizer=optimizer)
         weighting64 = famo_jax.famo(num_tasks, optimizer=optimizer, logits_dtype=jnp.float64)
 

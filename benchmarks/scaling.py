@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 
 import famo_jax  # noqa: E402
-from famo_jax import _aggregation  # noqa: E402
+from famo_jax import aggregation  # noqa: E402
 
 FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
@@ -283,10 +283,10 @@ def floor_aggregator() -> optax.GradientTransformation:
 
     def update(task_grads, state, params=None):
         del params
-        gram = _aggregation.gram_matrix(task_grads)
+        gram = aggregation.gram_matrix(task_grads)
         inverse_norms = jax.lax.rsqrt(jnp.diag(gram) + 1e-12)
         weights = inverse_norms / jnp.sum(inverse_norms)
-        return _aggregation.combine(task_grads, weights), state
+        return aggregation.combine(task_grads, weights), state
 
     return optax.GradientTransformation(init, update)
 

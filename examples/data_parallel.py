@@ -63,7 +63,7 @@ class TrainState(NamedTuple):
 
     params: Any  # the model's parameter pytree
     opt_state: optax.OptState  # the model optimizer's state
-    famo_state: famo_jax.FamoState  # FAMO's logits and logits-optimizer state
+    famo_state: famo_jax.FAMOState  # FAMO's logits and logits-optimizer state
 
 
 def init_params(key: jax.Array, input_dim: int, hidden: int, num_tasks: int, dtype=jnp.float32):

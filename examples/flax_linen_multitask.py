@@ -93,7 +93,7 @@ class FamoTrainState(train_state.TrainState):
     """
 
     weighting: famo_jax.LossWeighting = struct.field(pytree_node=False)
-    famo_state: famo_jax.FamoState
+    famo_state: famo_jax.FAMOState
     prev_losses: jax.Array
 
 
@@ -124,7 +124,7 @@ def _losses(state: FamoTrainState, params: Any, images: jax.Array, digits: jax.A
 
 
 def _record(
-    state: FamoTrainState, losses: jax.Array, famo_state: famo_jax.FamoState
+    state: FamoTrainState, losses: jax.Array, famo_state: famo_jax.FAMOState
 ) -> dict[str, jax.Array]:
     """What the history keeps of a step: losses and the weights that were used."""
     return {

@@ -3,7 +3,7 @@
 The model is an ``nnx.Module`` (an MLP trunk and one linear head per task, see
 ``_digits.py`` for the five tasks); its parameters are trained by
 ``nnx.Optimizer(model, optax.adam(...), wrt=nnx.Param)`` on FAMO's weighted
-loss. FAMO's state is an ordinary pytree (``famo_jax.FamoState``) passed in and
+loss. FAMO's state is an ordinary pytree (``famo_jax.FAMOState``) passed in and
 out of the ``nnx.jit``-compiled step, next to the model and its optimizer.
 
 Two ways of calling ``update``:
@@ -74,7 +74,7 @@ class MultiHeadMLP(nnx.Module):
 
 
 def _record(
-    weighting: famo_jax.LossWeighting, losses: jax.Array, famo_state: famo_jax.FamoState
+    weighting: famo_jax.LossWeighting, losses: jax.Array, famo_state: famo_jax.FAMOState
 ) -> dict[str, jax.Array]:
     """What the history keeps of a step: losses and the weights that were used."""
     return {
@@ -89,10 +89,10 @@ def same_batch_step(
     weighting: famo_jax.LossWeighting,
     model: MultiHeadMLP,
     optimizer: nnx.Optimizer,
-    famo_state: famo_jax.FamoState,
+    famo_state: famo_jax.FAMOState,
     images: jax.Array,
     digits: jax.Array,
-) -> tuple[famo_jax.FamoState, dict[str, jax.Array]]:
+) -> tuple[famo_jax.FAMOState, dict[str, jax.Array]]:
     """One model step on FAMO's weighted loss, then FAMO's same-batch update."""
 
     def objective(model: MultiHeadMLP) -> tuple[jax.Array, jax.Array]:
@@ -113,11 +113,11 @@ def lagged_step(
     weighting: famo_jax.LossWeighting,
     model: MultiHeadMLP,
     optimizer: nnx.Optimizer,
-    famo_state: famo_jax.FamoState,
+    famo_state: famo_jax.FAMOState,
     prev_losses: jax.Array,
     images: jax.Array,
     digits: jax.Array,
-) -> tuple[famo_jax.FamoState, jax.Array, dict[str, jax.Array]]:
+) -> tuple[famo_jax.FAMOState, jax.Array, dict[str, jax.Array]]:
     """FAMO's update from the previous step's losses, then one model step.
 
     Returns the new FAMO state, this step's losses (the next step's
@@ -162,7 +162,7 @@ def train(
     gamma: float = 0.001,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[MultiHeadMLP, famo_jax.FamoState, _digits.History]:
+) -> tuple[MultiHeadMLP, famo_jax.FAMOState, _digits.History]:
     """Trains a fresh model with FAMO in ``mode`` (one of :data:`MODES`).
 
     Returns:

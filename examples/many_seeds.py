@@ -40,7 +40,7 @@ class TrainState(NamedTuple):
 
     params: Any  # the model's parameter pytree
     opt_state: optax.OptState  # the model optimizer's state
-    famo_state: famo_jax.FamoState  # FAMO's logits and logits-optimizer state
+    famo_state: famo_jax.FAMOState  # FAMO's logits and logits-optimizer state
 
 
 class Config(NamedTuple):

@@ -8,23 +8,79 @@ properties (shape and dtype) only, because values cannot raise under ``jit``.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Returns ``value`` as an int, or raises if it is not an int ``>= minimum``.
+
+    Args:
+      name: the argument name used in the message.
+      value: the value to check; NumPy integers are accepted, bools are not.
+      minimum: the smallest allowed value (1: a positive int, 0: non-negative).
+    """
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if minimum == 0:
+        expected = "a non-negative int"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value}.")
+    return int(value)
 
 
 def check_num_tasks(num_tasks: Any) -> int:
     """Returns ``num_tasks`` as an int, or raises if it is not a positive int."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
+    return check_int("num_tasks", num_tasks)
+
+
+def initial_key(seed: Any, key: jax.Array | None) -> Callable[[], jax.Array]:
+    """Validates ``seed`` (unless ``key`` is given) and returns a maker of the first key.
+
+    Every method that draws random numbers keeps a PRNG key in its state, made
+    from ``seed`` (a non-negative int) or taken as given. The key is built at
+    ``init`` time, not here, so that building a method does not run JAX code.
+    """
+    if key is not None:
+        return lambda: key
+    seed = check_int("seed", seed, minimum=0)
+    return lambda: jax.random.PRNGKey(seed)
+
+
+def check_optimizer(
+    optimizer: Any, default: Callable[[], optax.GradientTransformation], **ignored: Any
+) -> optax.GradientTransformation:
+    """Returns ``optimizer``, or ``default()`` when it is None.
+
+    Args:
+      optimizer: an ``optax.GradientTransformation`` or None.
+      default: builds the method's own optimizer.
+      **ignored: the hyperparameters that only configure ``default`` (name ->
+        value, None when the user did not pass it); passing any of them with
+        an explicit ``optimizer`` is an error, since it would be silently
+        ignored.
+    """
+    if optimizer is None:
+        return default()
+    if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
-            f"num_tasks must be a positive int, got {num_tasks!r} "
-            f"of type {type(num_tasks).__name__}."
+            "optimizer must be an optax.GradientTransformation or None, "
+            f"got {type(optimizer).__name__}."
         )
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks}.")
-    return int(num_tasks)
+    given = sorted(name for name, value in ignored.items() if value is not None)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} only configure{'s' if len(given) == 1 else ''} the default "
+            "optimizer and would be ignored with optimizer=...: set them on the optimizer "
+            "you pass instead."
+        )
+    return optimizer
 
 
 def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) -> Any:

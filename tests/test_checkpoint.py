@@ -33,7 +33,7 @@ def restore(directory, like):
     """Restores the latest checkpoint into the structure, dtypes and types of ``like``.
 
     ``like`` is a freshly built tree of the same kind (its values are ignored):
-    restoring into it gives back NamedTuples such as ``famo_jax.FamoState`` and
+    restoring into it gives back NamedTuples such as ``famo_jax.FAMOState`` and
     optax states, typed PRNG keys, and the dtypes of the saved arrays.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -156,7 +156,7 @@ def test_functional_run_resumes_bit_identically(tmp_path):
     fresh = init_run(7)
     restored = restore(tmp_path / "ckpt", fresh)
     chex.assert_trees_all_equal_structs(restored, fresh)
-    assert isinstance(restored["famo"], famo_jax.FamoState)
+    assert isinstance(restored["famo"], famo_jax.FAMOState)
     assert jax.dtypes.issubdtype(restored["dropout_key"].dtype, jax.dtypes.prng_key)
     chex.assert_trees_all_equal(key_data(restored), key_data(interrupted))
 
@@ -176,7 +176,7 @@ def test_restore_without_a_target_loses_the_state_types(tmp_path):
     save(tmp_path / "ckpt", 0, {"famo": FAMO.init()})
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         raw = manager.restore(0)
-    assert not isinstance(raw["famo"], famo_jax.FamoState)
+    assert not isinstance(raw["famo"], famo_jax.FAMOState)
 
 
 # --- Flax NNX: model, nnx.Optimizer and FAMO -------------------------------------------------
@@ -271,7 +271,7 @@ def test_linen_train_state_resumes_bit_identically(tmp_path, digit_batches):
     restored = restore(tmp_path / "ckpt", initial)
     assert int(restored.step) == FIRST
     chex.assert_trees_all_equal(_data_of(restored), _data_of(state))
-    assert isinstance(restored.famo_state, famo_jax.FamoState)
+    assert isinstance(restored.famo_state, famo_jax.FAMOState)
     resumed = run(restored, digit_batches[FIRST:])
     # The static fields (apply_fn, tx, FAMO's functions) are rebuilt, not saved.
     chex.assert_trees_all_equal(_data_of(resumed), _data_of(expected))

@@ -153,8 +153,8 @@ def test_weighting_vmaps_over_states(name):
         return state
 
     states = jax.jit(jax.vmap(after))(random_losses(1, (batch, 3, NUM_TASKS)))
-    if isinstance(states, famo_jax.RlwState):
-        states = famo_jax.RlwState(key=jax.random.split(jax.random.PRNGKey(3), batch))
+    if isinstance(states, famo_jax.RLWState):
+        states = famo_jax.RLWState(key=jax.random.split(jax.random.PRNGKey(3), batch))
     losses = random_losses(2, (batch, NUM_TASKS))
     # Unequal relative changes: with equal ones FAMO's logits gradient is zero up to
     # rounding, which Adam magnifies differently in the batched and looped programs.

@@ -174,7 +174,7 @@ def test_effective_weights_are_c_z_over_gaps_and_sum_to_one():
 
 def test_task_weights_are_the_softmax_of_the_logits():
     weighting = DEFAULT
-    assert isinstance(weighting.init(), famo_jax.FamoState)
+    assert isinstance(weighting.init(), famo_jax.FAMOState)
     chex.assert_trees_all_close(weighting.init().task_weights, jnp.full(K, 1.0 / K))
     state = _warm_state()
     chex.assert_trees_all_close(state.task_weights, jax.nn.softmax(state.logits))

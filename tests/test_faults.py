@@ -401,8 +401,8 @@ def assert_state_kept(name, new, old, fallback):
         assert not np.array_equal(np.asarray(new.key), np.asarray(old.key))
     elif name == "nash_mtl":
         chex.assert_trees_all_equal(new.alpha, old.alpha)
-        assert int(new.count) == int(old.count) + 1
-        assert int(new.num_fallbacks) == int(old.num_fallbacks) + int(fallback)
+        assert int(new.num_updates) == int(old.num_updates) + 1 - int(fallback)
+        assert int(new.num_skipped) == int(old.num_skipped) + int(fallback)
     else:
         chex.assert_trees_all_equal(new, old)
 

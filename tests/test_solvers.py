@@ -25,6 +25,7 @@ import pytest
 import scipy.optimize
 
 from famo_jax import _solvers
+from famo_jax.aggregation._cagrad import _dual_weights as cagrad_dual_weights
 
 C = 0.4
 
@@ -189,7 +190,7 @@ def assert_on_simplex(weights, atol):
 
 SOLVERS = {
     "min_norm": (_solvers.min_norm_weights, min_norm_objective, min_norm_gradient),
-    "cagrad": (functools.partial(_solvers.cagrad_weights, c=C), cagrad_objective, cagrad_gradient),
+    "cagrad": (functools.partial(cagrad_dual_weights, c=C), cagrad_objective, cagrad_gradient),
 }
 
 
@@ -248,7 +249,7 @@ def test_min_norm_matches_the_two_task_closed_form():
     np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-7, atol=1e-9)
 
 
-CAGRAD_C0 = functools.partial(_solvers.cagrad_weights, c=0.0)
+CAGRAD_C0 = functools.partial(cagrad_dual_weights, c=0.0)
 
 
 def test_cagrad_with_c_zero_picks_the_gradient_least_aligned_with_the_mean():
@@ -316,7 +317,7 @@ def test_nash_mtl_weights_solve_the_bargaining_equation(k, dtype_name):
     norms = np.linalg.norm(grams, axis=(1, 2), keepdims=True)
     grams = np.asarray(grams / np.where(norms > 0, norms, 1.0), np.dtype(dtype))
     init = np.tile(np.linspace(0.5, 2.0, k), (len(names), 1)).astype(grams.dtype)
-    alpha, converged = solve_batch(_solvers.nash_mtl_weights, grams, init)
+    alpha, converged = solve_batch(_solvers.nash_bargaining_weights, grams, init)
     alpha, grams = alpha.astype(np.float64), grams.astype(np.float64)
     assert np.all(np.isfinite(alpha)) and np.all(alpha > 0)
     residual_tol, rtol = (1e-8, 1e-7) if dtype == jnp.float64 else (1e-5, 1e-4)
@@ -336,6 +337,6 @@ def test_nash_mtl_weights_solve_the_bargaining_equation(k, dtype_name):
 def test_nash_mtl_weights_reject_non_finite_input_and_keep_the_start():
     init = jnp.array([1.0, 2.0])
     bad = jnp.array([[1.0, jnp.nan], [jnp.nan, 1.0]])
-    alpha, converged = jax.jit(_solvers.nash_mtl_weights)(bad, init)
+    alpha, converged = jax.jit(_solvers.nash_bargaining_weights)(bad, init)
     assert not bool(converged)
     np.testing.assert_array_equal(alpha, init)

@@ -29,7 +29,7 @@ import pytest
 
 import famo_jax
 from benchmarks import long_run
-from famo_jax._famo import _reference_adam
+from famo_jax.weighting import reference_adam
 
 NUM_UPDATES, CHUNK, NUM_TASKS = 10_000, 5_000, 4
 
@@ -122,7 +122,7 @@ def test_benchmark_optimizer_is_famos_default(gamma):
     default = famo_jax.famo(NUM_TASKS, gamma=gamma)
     rebuilt = famo_jax.famo(
         NUM_TASKS,
-        optimizer=_reference_adam(long_run.LEARNING_RATE, jnp.asarray(gamma, jnp.float32)),
+        optimizer=reference_adam(long_run.LEARNING_RATE, jnp.asarray(gamma, jnp.float32)),
     )
     state_a, state_b = default.init(), rebuilt.init()
     for step in range(3):

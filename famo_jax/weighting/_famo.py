@@ -10,10 +10,11 @@ import optax
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
-from famo_jax import _base, _checks
+from famo_jax import _checks, _numerics
+from famo_jax.weighting import _base
 
 
-class FamoState(NamedTuple):
+class FAMOState(NamedTuple):
     r"""State of :func:`famo`.
 
     Attributes:
@@ -45,7 +46,7 @@ class FamoState(NamedTuple):
         return jax.nn.softmax(self.logits, axis=-1)
 
 
-def _reference_adam(learning_rate: optax.ScalarOrSchedule, gamma: float):
+def reference_adam(learning_rate: optax.ScalarOrSchedule, gamma: float):
     """PyTorch's ``Adam(lr, weight_decay=gamma)``: *coupled* L2 decay, then Adam.
 
     ``gamma * xi`` is added to the gradient before the Adam moments (unlike AdamW,
@@ -132,9 +133,9 @@ def famo(
         dtype, so bfloat16/float16 losses still use float32 logits.
 
     Returns:
-      A :class:`~famo_jax.LossWeighting` with ``init() -> FamoState``,
+      A :class:`~famo_jax.LossWeighting` with ``init() -> FAMOState``,
       ``weigh(losses, state) -> scalar`` (in the dtype of ``losses``) and
-      ``update(prev_losses, curr_losses, state) -> FamoState``.
+      ``update(prev_losses, curr_losses, state) -> FAMOState``.
 
     Raises:
       TypeError, ValueError: for an invalid hyperparameter (the message names
@@ -180,13 +181,7 @@ def famo(
     logits_dtype = jnp.dtype(logits_dtype)
     if not jnp.issubdtype(logits_dtype, jnp.floating):
         raise TypeError(f"logits_dtype must be a floating dtype, got {logits_dtype}.")
-    if optimizer is None:
-        optimizer = _reference_adam(learning_rate, gamma)
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "optimizer must be an optax.GradientTransformation or None, "
-            f"got {type(optimizer).__name__}."
-        )
+    optimizer = _checks.check_optimizer(optimizer, lambda: reference_adam(learning_rate, gamma))
 
     def gaps(losses: jax.Array, dtype) -> jax.Array:
         # l - m + eps, the quantity whose log FAMO balances; <= 0 when l <= m - eps.
@@ -195,16 +190,16 @@ def famo(
     def global_losses(losses: jax.Array) -> jax.Array:
         return losses if axis_name is None else jax.lax.pmean(losses, axis_name)
 
-    def init() -> FamoState:
+    def init() -> FAMOState:
         logits = jnp.zeros((num_tasks,), logits_dtype)
-        return FamoState(
+        return FAMOState(
             logits=logits,
             opt_state=optimizer.init(logits),
             num_updates=jnp.zeros((), jnp.int32),
             num_skipped=jnp.zeros((), jnp.int32),
         )
 
-    def check_state(state: FamoState) -> None:
+    def check_state(state: FAMOState) -> None:
         # A state made for another num_tasks would otherwise fail in broadcasting.
         if jnp.shape(state.logits) != (num_tasks,):
             raise ValueError(
@@ -212,7 +207,7 @@ def famo(
                 f"{jnp.shape(state.logits)}: was the state made by init() of this famo()?"
             )
 
-    def weigh(losses: ArrayLike, state: FamoState) -> jax.Array:
+    def weigh(losses: ArrayLike, state: FAMOState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
         check_state(state)
         dtype = jnp.promote_types(losses.dtype, state.logits.dtype)
@@ -235,7 +230,7 @@ def famo(
             )
         return weighted.astype(losses.dtype)
 
-    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FamoState) -> FamoState:
+    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FAMOState) -> FAMOState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
         curr_losses = _checks.check_losses("curr_losses", curr_losses, num_tasks)
         check_state(state)
@@ -261,13 +256,13 @@ def famo(
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
         # bound; such a step is skipped so that the state is never corrupted.
         valid = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(logits))
-        keep = lambda new, old: jnp.where(valid, new, old)
-        return FamoState(
-            logits=keep(logits, state.logits),
-            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-            num_updates=state.num_updates + valid.astype(jnp.int32),
-            num_skipped=state.num_skipped + (~valid).astype(jnp.int32),
+        logits, opt_state = _numerics.keep_if_valid(
+            valid, (logits, opt_state), (state.logits, state.opt_state)
         )
+        num_updates, num_skipped = _numerics.counters_after(
+            valid, state.num_updates, state.num_skipped
+        )
+        return FAMOState(logits, opt_state, num_updates, num_skipped)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -10,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from famo_jax import _aggregation
+from famo_jax import _checks, _numerics
+from famo_jax.aggregation import _base
 
 
 class GradDropState(NamedTuple):
@@ -27,7 +27,7 @@ class GradDropState(NamedTuple):
 
 def graddrop(
     leak: float | tuple[float, ...] = 0.0, seed: int = 0, *, key: jax.Array | None = None
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""GradDrop: keep, entry by entry, only the gradients of one randomly chosen sign.
 
     For every parameter entry, the positive sign purity of the task gradients
@@ -76,7 +76,7 @@ def graddrop(
       key: an explicit initial PRNG key.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(updates, state,
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
       params=None)`` takes per-task gradients stacked on a leading axis of size
       ``k`` and returns one gradient pytree; state :class:`GradDropState`.
 
@@ -104,20 +104,20 @@ def graddrop(
         raise ValueError(f"leak must be a scalar or a 1-D sequence, got shape {leaks.shape}.")
     if not np.all(np.isfinite(leaks)) or np.any(leaks < 0) or np.any(leaks > 1):
         raise ValueError(f"leak must lie in [0, 1], got {leak!r}.")
-    if key is None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be a non-negative int, got {seed!r}.")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed}.")
-        seed = int(seed)
+    first_key = _checks.initial_key(seed, key)
 
     def init_fn(params):
         del params
-        return GradDropState(key=jax.random.PRNGKey(seed) if key is None else key)
+        return GradDropState(key=first_key())
 
-    def update_fn(updates, state, params=None):
-        del params
-        k = _aggregation.num_tasks_of(updates)
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        if isinstance(updates, _base.ImplicitTaskGradients):
+            raise TypeError(
+                "graddrop needs every task gradient entry by entry; it cannot take "
+                "ImplicitTaskGradients (use task_gradients for it)."
+            )
+        k = _base.num_tasks_of(updates)
         if leaks.ndim == 1 and leaks.shape[0] != k:
             raise ValueError(
                 f"leak has {leaks.shape[0]} entries but the task gradients have a leading "
@@ -128,7 +128,7 @@ def graddrop(
         leaf_keys = jax.random.split(draw_key, len(leaves))
 
         def drop(leaf, leaf_key):
-            dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+            dtype = _numerics.at_least_float32(leaf.dtype)
             grads = leaf.astype(dtype)
             total = jnp.sum(grads, axis=0)
             magnitude = jnp.sum(jnp.abs(grads), axis=0)
@@ -149,4 +149,4 @@ def graddrop(
         out = [drop(leaf, leaf_key) for leaf, leaf_key in zip(leaves, leaf_keys, strict=True)]
         return jax.tree.unflatten(treedef, out), GradDropState(key=next_key)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -8,12 +8,80 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from famo_jax import _aggregation, _checks, _solvers
+from famo_jax import _checks, _numerics, _solvers
+from famo_jax.aggregation import _base
 
 _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}
 
 
-def cagrad_combination_weights(gram: jax.Array, c: float, rescale: int = 1) -> jax.Array:
+def _objective_terms(gram: jax.Array, c: float) -> tuple[jax.Array, jax.Array]:
+    r"""``(b, cc)`` of CAGrad's dual ``min_w b^T w + cc sqrt(w^T A w + 1e-8)``.
+
+    As in the authors' code: ``b = A 1 / k`` and ``cc = c sqrt(mean(A) + 1e-8)
+    + 1e-8``.
+    """
+    b = jnp.mean(gram, axis=1)
+    cc = c * jnp.sqrt(jnp.mean(gram) + 1e-8) + 1e-8
+    return b, cc
+
+
+def _dual_weights(
+    gram: jax.Array, c: float, *, max_iters: int = _solvers.IPM_MAX_ITERS
+) -> jax.Array:
+    r"""The minimiser of CAGrad's dual over the simplex, as in the authors' code.
+
+    .. math::
+        \min_{w \in \Delta_k} \; w^\top A \mathbf 1 / k
+            + c_c \sqrt{w^\top A w + 10^{-8}}, \qquad
+        c_c = c \sqrt{\mathrm{mean}(A) + 10^{-8}} + 10^{-8}.
+
+    The objective is divided by ``s = mean(diag(A))`` before solving (the
+    minimiser is unchanged): ``b/s``, ``cc/sqrt(s)`` and ``1e-8/s`` in the square
+    root.
+
+    Args:
+      gram: the ``(k, k)`` Gram matrix ``A``.
+      c: CAGrad's ``c >= 0``.
+      max_iters: cap on the interior-point iterations.
+
+    Returns:
+      ``(k,)`` weights on the simplex. NaN if ``gram`` is not finite.
+    """
+    gram, k = _solvers.check_gram(gram)
+    if k == 1:
+        return _numerics.nan_unless_finite(gram, jnp.ones((1,), gram.dtype))
+    safe = _numerics.finite_or_identity(gram)
+    b, cc = _objective_terms(safe, c)
+    scale = _solvers.unit_scale(safe)
+    scaled = safe / scale
+    b = b / scale
+    cc = cc / jnp.sqrt(scale)
+    offset = 1e-8 / scale
+
+    def value(w):
+        return jnp.dot(b, w) + cc * jnp.sqrt(jnp.maximum(jnp.dot(w, scaled @ w), 0.0) + offset)
+
+    def value_grad_hessian(w):
+        aw = scaled @ w
+        root = jnp.sqrt(jnp.maximum(jnp.dot(w, aw), 0.0) + offset)
+        grad = b + cc * aw / root
+        hess = (cc / root) * (scaled - jnp.outer(aw, aw) / root**2)
+        return jnp.dot(b, w) + cc * root, grad, hess
+
+    w = _solvers.simplex_interior_point(value_grad_hessian, value, k, gram.dtype, max_iters)
+    return _numerics.nan_unless_finite(gram, w)
+
+
+def _check_hyperparameters(c: float, rescale: int) -> tuple[float, int]:
+    c = _checks.check_nonnegative("c", c)
+    if isinstance(rescale, bool) or not isinstance(rescale, numbers.Integral):
+        raise TypeError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
+    if rescale not in _RESCALE_DIVISORS:
+        raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}.")
+    return float(c), int(rescale)
+
+
+def cagrad_weights(gram: jax.Array, c: float = 0.4, rescale: int = 1) -> jax.Array:
     r"""CAGrad's output as weights on the task gradients, from their Gram matrix.
 
     With :math:`A = G G^\top`, :math:`w^\star` the minimiser of the dual (see
@@ -31,25 +99,33 @@ def cagrad_combination_weights(gram: jax.Array, c: float, rescale: int = 1) -> j
     Returns:
       ``(k,)`` weights in the Gram matrix's dtype (at least float32); NaN if the
       Gram matrix is not finite.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from famo_jax.aggregation import cagrad_weights
+      >>> gram = jnp.array([[1.0, -0.5], [-0.5, 1.0]])  # two conflicting unit gradients
+      >>> w = cagrad_weights(gram, c=0.4)  # symmetric: (1 + c) / (2 (1 + c^2)) each
+      >>> [round(x, 4) for x in w.tolist()]
+      [0.6034, 0.6034]
     """
-    gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
-    k = gram.shape[0]
-    w = _solvers.cagrad_weights(gram, c)
-    _, cc = _solvers.cagrad_objective_terms(gram, c)
+    c, rescale = _check_hyperparameters(c, rescale)
+    gram, k = _solvers.check_gram(gram)
+    w = _dual_weights(gram, c)
+    _, cc = _objective_terms(gram, c)
     gw_norm = jnp.sqrt(jnp.maximum(jnp.dot(w, gram @ w), 0.0))
     lmbda = cc / (gw_norm + 1e-8)
     weights = (1.0 / k + lmbda * w) / _RESCALE_DIVISORS[rescale](c)
     return weights.astype(gram.dtype)
 
 
-def cagrad(c: float = 0.4, rescale: int = 1) -> optax.GradientTransformation:
+def cagrad(c: float = 0.4, rescale: int = 1) -> optax.GradientTransformationExtraArgs:
     r"""CAGrad: the update that maximises the worst task's improvement near the mean.
 
     CAGrad looks for the direction :math:`d` that maximises the smallest task
     improvement :math:`\min_i \langle g_i, d\rangle` within a ball around the
     mean gradient :math:`g_0 = \frac1k \sum_i g_i`,
     :math:`\|d - g_0\| \le c\,\|g_0\|`. Its dual is a problem over the simplex,
-    solved here in pure JAX (see ``famo_jax._solvers``) exactly as the authors
+    solved here in pure JAX by an interior-point method exactly as the authors
     pose it, epsilons included: with :math:`A = G G^\top`,
 
     .. math::
@@ -93,7 +169,8 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> optax.GradientTransformation:
       rescale: 0, 1 or 2: how the output is divided, as in the authors' code.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(updates, state,
+      An ``optax.GradientTransformationExtraArgs`` (see
+      :func:`famo_jax.aggregation.gram_weighted`) whose ``update(updates, state,
       params=None)`` takes per-task gradients stacked on a leading axis of
       size ``k`` (every leaf ``(k, ...)``) and returns one gradient pytree.
       Its state is ``optax.EmptyState()``.
@@ -113,21 +190,5 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> optax.GradientTransformation:
       Multi-task Learning*, NeurIPS 2021. https://arxiv.org/abs/2110.14048
       (code: https://github.com/Cranial-XIX/CAGrad)
     """
-    c = _checks.check_nonnegative("c", c)
-    if isinstance(rescale, bool) or not isinstance(rescale, numbers.Integral):
-        raise TypeError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
-    if rescale not in _RESCALE_DIVISORS:
-        raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}.")
-    c, rescale = float(c), int(rescale)
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        gram = _aggregation.gram_matrix(updates)
-        weights = cagrad_combination_weights(gram, c, rescale)
-        return _aggregation.combine(updates, weights), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    c, rescale = _check_hyperparameters(c, rescale)
+    return _base.gram_weighted(_base.stateless(lambda gram: cagrad_weights(gram, c, rescale)))

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from famo_jax import _aggregation, _solvers
+from famo_jax import _numerics, _solvers
+from famo_jax.aggregation import _base
 
 
-def imtl_g_combination_weights(gram: jax.Array) -> jax.Array:
+def imtl_g_weights(gram: jax.Array) -> jax.Array:
     r"""IMTL-G's weights :math:`\alpha` (summing to one) from the Gram matrix.
 
     Solves, in the coordinates :math:`\beta_i = \alpha_i \|g_i\|` of the unit
@@ -32,10 +33,16 @@ def imtl_g_combination_weights(gram: jax.Array) -> jax.Array:
     Returns:
       ``(k,)`` weights summing to one (zero for zero gradients); NaN if the
       Gram matrix is not finite.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from famo_jax.aggregation import imtl_g_weights
+      >>> gram = jnp.array([[1.0, 0.0], [0.0, 9.0]])  # orthogonal, norms 1 and 3
+      >>> [round(w, 4) for w in imtl_g_weights(gram).tolist()]  # equal projections 0.75
+      [0.75, 0.25]
     """
-    gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
-    safe = _solvers.finite_or_identity(gram)
-    k = safe.shape[0]
+    gram, k = _solvers.check_gram(gram)
+    safe = _numerics.finite_or_identity(gram)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(safe), 0.0))
     active = norms > 0
     inv_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
@@ -53,10 +60,10 @@ def imtl_g_combination_weights(gram: jax.Array) -> jax.Array:
     total = jnp.sum(alpha)
     usable = jnp.any(active) & jnp.isfinite(total) & (total != 0)
     alpha = jnp.where(usable, alpha / jnp.where(usable, total, 1.0), 1.0 / k)
-    return _solvers.nan_unless_finite(gram, alpha)
+    return _numerics.nan_unless_finite(gram, alpha)
 
 
-def imtl_g() -> optax.GradientTransformation:
+def imtl_g() -> optax.GradientTransformationExtraArgs:
     r"""IMTL-G: the combination with equal projections on every task's direction.
 
     IMTL-G picks weights :math:`\alpha` with :math:`\sum_i \alpha_i = 1` such
@@ -71,7 +78,7 @@ def imtl_g() -> optax.GradientTransformation:
         \alpha_1 = 1 - \sum_{i \ge 2} \alpha_i .
 
     Here the same system is solved symmetrically in the tasks from the Gram
-    matrix (see :func:`imtl_g_combination_weights`), so the result does not
+    matrix (see :func:`famo_jax.aggregation.imtl_g_weights`), so the result does not
     depend on which task comes first and the memory stays that of the input.
     When the system has a unique solution the two agree. Deviations, all in
     cases where the authors' code is undefined or arbitrary: when it is
@@ -96,7 +103,7 @@ def imtl_g() -> optax.GradientTransformation:
     :math:`O(k^3)` pseudo-inverse.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(updates, state,
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
       params=None)`` takes per-task gradients stacked on a leading axis of
       size ``k`` and returns one gradient pytree; state ``optax.EmptyState()``.
 
@@ -113,15 +120,4 @@ def imtl_g() -> optax.GradientTransformation:
       Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang, *Towards Impartial
       Multi-task Learning*, ICLR 2021. https://openreview.net/forum?id=IMPnRXEWpvr
     """
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        gram = _aggregation.gram_matrix(updates)
-        weights = imtl_g_combination_weights(gram)
-        return _aggregation.combine(updates, weights), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _base.gram_weighted(_base.stateless(imtl_g_weights))

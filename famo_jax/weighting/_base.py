@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import optax
 from jax.typing import ArrayLike
+
+from famo_jax import _checks, _numerics
 
 State = Any  # A pytree, usually a NamedTuple of arrays.
 
@@ -70,3 +74,33 @@ def loss_weights(weighting: LossWeighting, losses: ArrayLike, state: State) -> j
       Array([0.8, 0.2], dtype=float32)
     """
     return jax.grad(weighting.weigh)(losses, state)
+
+
+def stateless(num_tasks: int, weigh_fn: Callable[[jax.Array], jax.Array]) -> LossWeighting:
+    """A :class:`LossWeighting` with no state from ``losses -> scalar``.
+
+    ``weigh_fn`` receives the checked losses in at least float32 (sums and logs
+    of bfloat16 losses would lose their small terms); the result is cast back
+    to the losses' dtype. The state is ``optax.EmptyState()`` and ``update``
+    only checks its arguments' shapes and returns the state unchanged.
+
+    Args:
+      num_tasks: the number of tasks (already validated).
+      weigh_fn: ``losses -> scalar``, differentiable.
+    """
+
+    def weigh(losses: ArrayLike, state: optax.EmptyState) -> jax.Array:
+        del state
+        losses = _checks.check_losses("losses", losses, num_tasks)
+        return weigh_fn(losses.astype(_numerics.at_least_float32(losses.dtype))).astype(
+            losses.dtype
+        )
+
+    def update(
+        prev_losses: ArrayLike, curr_losses: ArrayLike, state: optax.EmptyState
+    ) -> optax.EmptyState:
+        _checks.check_losses("prev_losses", prev_losses, num_tasks)
+        _checks.check_losses("curr_losses", curr_losses, num_tasks)
+        return state
+
+    return LossWeighting(init=optax.EmptyState, weigh=weigh, update=update)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from famo_jax import _base, _checks
+from famo_jax import _checks, _numerics
+from famo_jax.weighting import _base
 
 
-class DwaState(NamedTuple):
+class DWAState(NamedTuple):
     """State of :func:`dwa`.
 
     Attributes:
@@ -72,7 +72,7 @@ def dwa(num_tasks: int, temperature: float = 2.0, window: int = 25) -> _base.Los
         25 (``iteration_window``).
 
     Returns:
-      A :class:`~famo_jax.LossWeighting` with ``init() -> DwaState``.
+      A :class:`~famo_jax.LossWeighting` with ``init() -> DWAState``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -97,14 +97,10 @@ def dwa(num_tasks: int, temperature: float = 2.0, window: int = 25) -> _base.Los
     temperature = _checks.check_nonnegative("temperature", temperature)
     if temperature == 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be a positive int, got {window!r}.")
-    if window < 1:
-        raise ValueError(f"window must be a positive int, got {window}.")
-    window = int(window)
+    window = _checks.check_int("window", window)
 
-    def init() -> DwaState:
-        return DwaState(
+    def init() -> DWAState:
+        return DWAState(
             costs=jnp.ones((2 * window, num_tasks), jnp.float32),
             num_updates=jnp.zeros((), jnp.int32),
             num_skipped=jnp.zeros((), jnp.int32),
@@ -113,9 +109,9 @@ def dwa(num_tasks: int, temperature: float = 2.0, window: int = 25) -> _base.Los
     def push(costs: jax.Array, losses: jax.Array) -> jax.Array:
         return jnp.concatenate([costs[1:], losses[None].astype(costs.dtype)], axis=0)
 
-    def weights(losses: jax.Array, state: DwaState) -> jax.Array:
+    def weights(losses: jax.Array, state: DWAState) -> jax.Array:
         costs = push(state.costs, jax.lax.stop_gradient(losses))
-        dtype = jnp.promote_types(costs.dtype, jnp.float32)
+        dtype = _numerics.at_least_float32(costs.dtype)
         costs = costs.astype(dtype)
         older = jnp.mean(costs[:window], axis=0)
         newer = jnp.mean(costs[window:], axis=0)
@@ -130,21 +126,24 @@ def dwa(num_tasks: int, temperature: float = 2.0, window: int = 25) -> _base.Los
         uniform = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
         return jnp.where(state.num_updates > window, dynamic, uniform)
 
-    def weigh(losses: ArrayLike, state: DwaState) -> jax.Array:
+    def weigh(losses: ArrayLike, state: DWAState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
         w = jax.lax.stop_gradient(weights(losses, state))
         dtype = jnp.promote_types(losses.dtype, w.dtype)
         return jnp.sum(w.astype(dtype) * losses.astype(dtype)).astype(losses.dtype)
 
-    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: DwaState) -> DwaState:
+    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: DWAState) -> DWAState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
         _checks.check_losses("curr_losses", curr_losses, num_tasks)
         pushed = push(state.costs, prev_losses)
         valid = jnp.all(jnp.isfinite(pushed[-1]))
-        return DwaState(
-            costs=jnp.where(valid, pushed, state.costs),
-            num_updates=state.num_updates + valid.astype(jnp.int32),
-            num_skipped=state.num_skipped + (~valid).astype(jnp.int32),
+        num_updates, num_skipped = _numerics.counters_after(
+            valid, state.num_updates, state.num_skipped
+        )
+        return DWAState(
+            costs=_numerics.keep_if_valid(valid, pushed, state.costs),
+            num_updates=num_updates,
+            num_skipped=num_skipped,
         )
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from famo_jax import _base
+from famo_jax.weighting import _base
 
 
 def linearize_weigh(

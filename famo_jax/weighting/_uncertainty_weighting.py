@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from famo_jax import _base, _checks
+from famo_jax import _checks, _numerics
+from famo_jax.weighting import _base
 
 
-class UncertaintyState(NamedTuple):
+class UncertaintyWeightingState(NamedTuple):
     """State of :func:`uncertainty_weighting`.
 
     Attributes:
@@ -82,7 +83,7 @@ def uncertainty_weighting(
         default ``optax.adam(learning_rate)``.
 
     Returns:
-      A :class:`~famo_jax.LossWeighting` with ``init() -> UncertaintyState``.
+      A :class:`~famo_jax.LossWeighting` with ``init() -> UncertaintyWeightingState``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -102,17 +103,11 @@ def uncertainty_weighting(
     """
     num_tasks = _checks.check_num_tasks(num_tasks)
     learning_rate = _checks.check_nonnegative("learning_rate", learning_rate, allow_callable=True)
-    if optimizer is None:
-        optimizer = optax.adam(learning_rate)
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "optimizer must be an optax.GradientTransformation or None, "
-            f"got {type(optimizer).__name__}."
-        )
+    optimizer = _checks.check_optimizer(optimizer, lambda: optax.adam(learning_rate))
 
-    def init() -> UncertaintyState:
+    def init() -> UncertaintyWeightingState:
         log_vars = jnp.zeros((num_tasks,), jnp.float32)
-        return UncertaintyState(
+        return UncertaintyWeightingState(
             log_vars=log_vars,
             opt_state=optimizer.init(log_vars),
             num_updates=jnp.zeros((), jnp.int32),
@@ -122,15 +117,15 @@ def uncertainty_weighting(
     def objective(losses: jax.Array, log_vars: jax.Array) -> jax.Array:
         return jnp.mean(jnp.exp(-log_vars) * losses + log_vars)
 
-    def weigh(losses: ArrayLike, state: UncertaintyState) -> jax.Array:
+    def weigh(losses: ArrayLike, state: UncertaintyWeightingState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
         dtype = jnp.promote_types(losses.dtype, state.log_vars.dtype)
         log_vars = jax.lax.stop_gradient(state.log_vars).astype(dtype)
         return objective(losses.astype(dtype), log_vars).astype(losses.dtype)
 
     def update(
-        prev_losses: ArrayLike, curr_losses: ArrayLike, state: UncertaintyState
-    ) -> UncertaintyState:
+        prev_losses: ArrayLike, curr_losses: ArrayLike, state: UncertaintyWeightingState
+    ) -> UncertaintyWeightingState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
         _checks.check_losses("curr_losses", curr_losses, num_tasks)
         dtype = jnp.promote_types(prev_losses.dtype, state.log_vars.dtype)
@@ -140,12 +135,12 @@ def uncertainty_weighting(
         updates, opt_state = optimizer.update(log_vars_grad, state.opt_state, state.log_vars)
         log_vars = optax.apply_updates(state.log_vars, updates)
         valid = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(log_vars))
-        keep = lambda new, old: jnp.where(valid, new, old)
-        return UncertaintyState(
-            log_vars=keep(log_vars, state.log_vars),
-            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-            num_updates=state.num_updates + valid.astype(jnp.int32),
-            num_skipped=state.num_skipped + (~valid).astype(jnp.int32),
+        log_vars, opt_state = _numerics.keep_if_valid(
+            valid, (log_vars, opt_state), (state.log_vars, state.opt_state)
         )
+        num_updates, num_skipped = _numerics.counters_after(
+            valid, state.num_updates, state.num_skipped
+        )
+        return UncertaintyWeightingState(log_vars, opt_state, num_updates, num_skipped)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from famo_jax import _aggregation, _solvers
+from famo_jax import _solvers
+from famo_jax.aggregation import _base
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def mgda_combination_weights(
+def _check_normalization(normalization: str) -> str:
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}.")
+    return normalization
+
+
+def mgda_weights(
     gram: jax.Array, normalization: str = "none", losses: jax.Array | None = None
 ) -> jax.Array:
     r"""MGDA's weights :math:`w \in \Delta_k` from the Gram matrix of the task gradients.
@@ -29,8 +34,22 @@ def mgda_combination_weights(
 
     Returns:
       ``(k,)`` weights on the simplex (NaN if the Gram matrix is not finite).
+
+    Raises:
+      ValueError: for an unknown ``normalization``, or when ``losses`` is
+        missing or not of shape ``(k,)`` although ``normalization`` needs it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from famo_jax.aggregation import mgda_weights
+      >>> gram = jnp.array([[1.0, 0.0], [0.0, 4.0]])  # orthogonal, norms 1 and 2
+      >>> [round(w, 4) for w in mgda_weights(gram).tolist()]  # min-norm point: 0.8 e1 + 0.2 (2 e2)
+      [0.8, 0.2]
     """
-    gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
+    normalization = _check_normalization(normalization)
+    gram, k = _solvers.check_gram(gram)
+    if normalization in ("loss", "loss+"):
+        losses = _base.check_losses_extra_arg(losses, k, f"mgda(normalization={normalization!r})")
     if normalization != "none":
         ones = jnp.ones(gram.shape[0], gram.dtype)
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
@@ -122,29 +141,9 @@ def mgda(normalization: str = "none") -> optax.GradientTransformationExtraArgs:
       *Multiple-gradient descent algorithm (MGDA) for multiobjective
       optimization*, Comptes Rendus Mathématique 350, 2012.
     """
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}.")
+    normalization = _check_normalization(normalization)
 
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
+    def weights(gram, state, losses):
+        return mgda_weights(gram, normalization, losses), state
 
-    def update_fn(updates, state, params=None, *, losses: Any = None, **extra_args):
-        del params, extra_args
-        k = _aggregation.num_tasks_of(updates)
-        if normalization in ("loss", "loss+"):
-            if losses is None:
-                raise ValueError(
-                    f"mgda(normalization={normalization!r}) needs the task losses: call "
-                    "update(updates, state, params, losses=losses)."
-                )
-            losses = jnp.asarray(losses)
-            if losses.shape != (k,):
-                raise ValueError(
-                    f"losses must have shape (num_tasks,) = ({k},), got shape {losses.shape}."
-                )
-        gram = _aggregation.gram_matrix(updates)
-        weights = mgda_combination_weights(gram, normalization, losses)
-        return _aggregation.combine(updates, weights), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _base.gram_weighted(_base.GramWeighting(init=optax.EmptyState, weights=weights))

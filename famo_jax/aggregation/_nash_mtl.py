@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from famo_jax import _aggregation, _checks, _solvers
+from famo_jax import _checks, _numerics, _solvers
+from famo_jax.aggregation import _base
 
 
 class NashMTLState(NamedTuple):
@@ -22,16 +22,57 @@ class NashMTLState(NamedTuple):
         fallback when no solution is found. They start at ones, as in the
         authors' code. Shape ``(0,)`` when :func:`nash_mtl` was built without
         ``num_tasks``: every solve then starts from ones and falls back to ones.
-      count: ``()`` int32: updates seen (the weights are recomputed when
-        ``count % update_weights_every == 0``).
-      num_fallbacks: ``()`` int32: weight updates for which no solution was
-        found (no direction improves every task, a non-finite gradient, or no
+      num_updates: ``()`` int32: updates whose weights were solved for (or
+        reused between solves, with ``update_weights_every > 1``).
+      num_skipped: ``()`` int32: updates for which no solution was found (no
+        direction improves every task, a non-finite gradient, or no
         convergence within ``max_iters``), so the previous weights were used.
+        The weights are recomputed when ``(num_updates + num_skipped) %
+        update_weights_every == 0``.
     """
 
     alpha: jax.Array
-    count: jax.Array
-    num_fallbacks: jax.Array
+    num_updates: jax.Array
+    num_skipped: jax.Array
+
+
+def nash_mtl_weights(
+    gram: jax.Array,
+    init: jax.Array | None = None,
+    *,
+    max_iters: int = _solvers.NEWTON_MAX_ITERS,
+    tol: float = 1e-3,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Nash-MTL's bargaining weights :math:`\alpha` from the Gram matrix.
+
+    Solves :math:`\hat A \alpha = 1 / \alpha` (element-wise, :math:`\alpha >
+    0`) for the Gram matrix divided by its Frobenius norm, :math:`\hat A = A /
+    \|A\|_F`, as the authors normalise it, starting from ``init``. See
+    :func:`famo_jax.aggregation.nash_mtl` for the method.
+
+    Args:
+      gram: ``(k, k)`` Gram matrix of the task gradients.
+      init: ``(k,)`` positive starting point, usually the previous solution;
+        default ones.
+      max_iters: cap on the Newton iterations.
+      tol: acceptance threshold on :math:`\max_i |\alpha_i (\hat A\alpha)_i - 1|`.
+
+    Returns:
+      ``(alpha, converged)``: when no solution was found (or ``gram`` is not
+      finite) ``alpha`` is ``init`` and ``converged`` is False.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from famo_jax.aggregation import nash_mtl_weights
+      >>> alpha, converged = nash_mtl_weights(jnp.array([[1.0, 0.0], [0.0, 4.0]]))
+      >>> [round(a, 4) for a in alpha.tolist()], bool(converged)  # 17 ** 0.25 * [1, 1/2]
+      ([2.0305, 1.0153], True)
+    """
+    gram, k = _solvers.check_gram(gram)
+    init = jnp.ones((k,), gram.dtype) if init is None else jnp.asarray(init, gram.dtype)
+    frobenius = jnp.sqrt(jnp.sum(gram**2))
+    normalized = gram / jnp.where(frobenius > 0, frobenius, 1.0)
+    return _solvers.nash_bargaining_weights(normalized, init, max_iters=max_iters, tol=tol)
 
 
 def nash_mtl(
@@ -39,7 +80,7 @@ def nash_mtl(
     update_weights_every: int = 1,
     max_iters: int = 100,
     tol: float = 1e-3,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Nash-MTL: the Nash bargaining solution between the tasks.
 
     Nash-MTL takes the direction :math:`d` in a small ball that maximises
@@ -56,7 +97,7 @@ def nash_mtl(
     the equation is solved in pure JAX as the minimiser of the strictly convex
     :math:`\tfrac12 \alpha^\top A \alpha - \sum_i \log\alpha_i` with damped
     Newton steps, warm-started from the previous weights (see
-    ``famo_jax._solvers.nash_mtl_weights``), and accepted when
+    :func:`famo_jax.aggregation.nash_mtl_weights`), and accepted when
     :math:`\max_i |\alpha_i (A\alpha)_i - 1| \le` ``tol``. As in the authors'
     code, if no solution is found (it does not exist when the convex hull of
     the gradients contains zero, for example with a zero or two exactly
@@ -79,7 +120,7 @@ def nash_mtl(
     the task gradient.
 
     Non-finite task gradients: the output is NaN (so ``optax.apply_if_finite``
-    skips the step) and ``alpha`` is kept; the step counts as a fallback.
+    skips the step) and ``alpha`` is kept; the update is counted in ``num_skipped``.
 
     Cost: :math:`O(k^2 m)` time and :math:`O(k^2)` extra memory for the Gram
     matrix of :math:`m` parameters (skipped between weight updates),
@@ -96,7 +137,7 @@ def nash_mtl(
       tol: acceptance threshold on :math:`\max_i |\alpha_i (A\alpha)_i - 1|`.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(updates, state,
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
       params=None)`` takes per-task gradients stacked on a leading axis of size
       ``k`` and returns one gradient pytree; state :class:`NashMTLState`.
 
@@ -118,46 +159,35 @@ def nash_mtl(
     """
     if num_tasks is not None:
         num_tasks = _checks.check_num_tasks(num_tasks)
-    for name, value in (("update_weights_every", update_weights_every), ("max_iters", max_iters)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be a positive int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value}.")
+    update_weights_every = _checks.check_int("update_weights_every", update_weights_every)
+    max_iters = _checks.check_int("max_iters", max_iters)
     if update_weights_every > 1 and num_tasks is None:
         raise ValueError(
             f"update_weights_every={update_weights_every} reuses the weights between "
             "updates, so nash_mtl needs num_tasks to keep them in its state."
         )
-    tol = _checks.check_nonnegative("tol", tol)
-    update_weights_every, max_iters, tol = int(update_weights_every), int(max_iters), float(tol)
+    tol = float(_checks.check_nonnegative("tol", tol))
+    keeps_alpha = num_tasks is not None
 
-    def init_fn(params):
-        del params
-        alpha = jnp.ones((0 if num_tasks is None else num_tasks,), jnp.float32)
+    def init():
+        alpha = jnp.ones((num_tasks if keeps_alpha else 0,), jnp.float32)
         zero = jnp.zeros((), jnp.int32)
-        return NashMTLState(alpha=alpha, count=zero, num_fallbacks=zero)
+        return NashMTLState(alpha=alpha, num_updates=zero, num_skipped=zero)
 
-    def update_fn(updates, state, params=None):
-        del params
-        k = _aggregation.num_tasks_of(updates)
-        if num_tasks is not None and k != num_tasks:
+    def next_weights(gram_fn, k, dtype, state):
+        # gram_fn computes the Gram matrix only in the branch that solves, so
+        # that updates reusing the weights skip its O(k^2 m) cost.
+        if keeps_alpha and k != num_tasks:
             raise ValueError(
                 f"nash_mtl was built for num_tasks={num_tasks}, got task gradients with a "
                 f"leading axis of size {k}."
             )
-        dtype = _aggregation.compute_dtype(updates)
-        keeps_alpha = num_tasks is not None
         previous = state.alpha.astype(dtype) if keeps_alpha else jnp.ones((k,), dtype)
 
         def solve(previous):
-            gram = _aggregation.gram_matrix(updates, dtype)
-            frobenius = jnp.sqrt(jnp.sum(gram**2))
-            normalized = gram / jnp.where(frobenius > 0, frobenius, 1.0)
-            alpha, converged = _solvers.nash_mtl_weights(
-                normalized, previous, max_iters=max_iters, tol=tol
-            )
-            weights = _solvers.nan_unless_finite(gram, alpha / k)
-            return weights, alpha, converged
+            gram = gram_fn()
+            alpha, converged = nash_mtl_weights(gram, previous, max_iters=max_iters, tol=tol)
+            return _numerics.nan_unless_finite(gram, alpha / k), alpha, converged
 
         def reuse(previous):
             return previous / k, previous, jnp.ones((), bool)
@@ -165,14 +195,31 @@ def nash_mtl(
         if update_weights_every == 1:
             weights, alpha, converged = solve(previous)
         else:
+            step = state.num_updates + state.num_skipped
             weights, alpha, converged = jax.lax.cond(
-                state.count % update_weights_every == 0, solve, reuse, previous
+                step % update_weights_every == 0, solve, reuse, previous
             )
+        num_updates, num_skipped = _numerics.counters_after(
+            converged, state.num_updates, state.num_skipped
+        )
         new_state = NashMTLState(
             alpha=alpha.astype(state.alpha.dtype) if keeps_alpha else state.alpha,
-            count=state.count + 1,
-            num_fallbacks=state.num_fallbacks + (~converged).astype(jnp.int32),
+            num_updates=num_updates,
+            num_skipped=num_skipped,
         )
-        return _aggregation.combine(updates, weights), new_state
+        return weights, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def init_fn(params):
+        del params
+        alpha = jnp.ones((num_tasks if keeps_alpha else 0,), jnp.float32)
+        zero = jnp.zeros((), jnp.int32)
+        return NashMTLState(alpha=alpha, num_updates=zero, num_skipped=zero)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        k = _base.num_tasks_of(updates)
+        dtype = _base.compute_dtype(updates)
+        weights, state = next_weights(lambda: _base.gram_matrix(updates, dtype), k, dtype, state)
+        return _base.combine(updates, weights), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

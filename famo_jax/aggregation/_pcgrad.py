@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from famo_jax import _aggregation, _solvers
+from famo_jax import _checks, _numerics, _solvers
+from famo_jax.aggregation import _base
 
 
 class PCGradState(NamedTuple):
@@ -24,7 +24,7 @@ class PCGradState(NamedTuple):
     key: jax.Array
 
 
-def pcgrad_combination_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
+def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
     r"""PCGrad's output as weights on the task gradients, from their Gram matrix.
 
     Every projected gradient is a linear combination of the task gradients,
@@ -40,9 +40,15 @@ def pcgrad_combination_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
 
     Returns:
       ``(k,)`` weights (NaN if the Gram matrix is not finite).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from famo_jax.aggregation import pcgrad_weights
+      >>> gram = jnp.array([[1.0, -1.0], [-1.0, 2.0]])  # g1 = e1, g2 = -e1 + e2
+      >>> pcgrad_weights(gram, jax.random.PRNGKey(0))  # ((g1 + g2/2) + (g2 + g1)) / 2
+      Array([1.  , 0.75], dtype=float32)
     """
-    gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
-    k = gram.shape[0]
+    gram, k = _solvers.check_gram(gram)
     orders = jax.vmap(lambda sub: jax.random.permutation(sub, k))(jax.random.split(key, k))
     tasks = jnp.arange(k)
     squared_norms = jnp.diagonal(gram)
@@ -57,10 +63,10 @@ def pcgrad_combination_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
         return coefficients - step[:, None] * jax.nn.one_hot(other, k, dtype=gram.dtype)
 
     coefficients = jax.lax.fori_loop(0, k, project, jnp.eye(k, dtype=gram.dtype))
-    return _solvers.nan_unless_finite(gram, jnp.mean(coefficients, axis=0))
+    return _numerics.nan_unless_finite(gram, jnp.mean(coefficients, axis=0))
 
 
-def pcgrad(seed: int = 0, *, key: jax.Array | None = None) -> optax.GradientTransformation:
+def pcgrad(seed: int = 0, *, key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
     r"""PCGrad: remove from each task gradient its conflicts with the others.
 
     For every task :math:`i`, in a random order of the other tasks :math:`j`,
@@ -74,7 +80,7 @@ def pcgrad(seed: int = 0, *, key: jax.Array | None = None) -> optax.GradientTran
 
     and the update is the mean :math:`\frac1k \sum_i g_i^{PC}`. The
     projections are carried out on ``k x k`` coefficients from the Gram matrix
-    (see :func:`pcgrad_combination_weights`), so memory stays that of the input
+    (see :func:`famo_jax.aggregation.pcgrad_weights`), so memory stays that of the input
     and the result equals the vector-space algorithm up to rounding.
 
     Task order: each task gets its own random order of the others at every
@@ -107,7 +113,7 @@ def pcgrad(seed: int = 0, *, key: jax.Array | None = None) -> optax.GradientTran
       key: an explicit initial PRNG key.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update(updates, state,
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
       params=None)`` takes per-task gradients stacked on a leading axis of size
       ``k`` and returns one gradient pytree; state :class:`PCGradState`.
 
@@ -125,22 +131,13 @@ def pcgrad(seed: int = 0, *, key: jax.Array | None = None) -> optax.GradientTran
       Multi-Task Learning*, NeurIPS 2020. https://arxiv.org/abs/2001.06782
       (code: https://github.com/tianheyu927/PCGrad)
     """
-    if key is None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be a non-negative int, got {seed!r}.")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed}.")
-        seed = int(seed)
+    first_key = _checks.initial_key(seed, key)
 
-    def init_fn(params):
-        del params
-        return PCGradState(key=jax.random.PRNGKey(seed) if key is None else key)
-
-    def update_fn(updates, state, params=None):
-        del params
-        gram = _aggregation.gram_matrix(updates)
+    def weights(gram, state, losses):
+        del losses
         next_key, orders_key = jax.random.split(state.key)
-        weights = pcgrad_combination_weights(gram, orders_key)
-        return _aggregation.combine(updates, weights), PCGradState(key=next_key)
+        return pcgrad_weights(gram, orders_key), PCGradState(key=next_key)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _base.gram_weighted(
+        _base.GramWeighting(init=lambda: PCGradState(key=first_key()), weights=weights)
+    )

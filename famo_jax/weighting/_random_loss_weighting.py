@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from famo_jax import _base, _checks
+from famo_jax import _checks, _numerics
+from famo_jax.weighting import _base
 
 
-class RlwState(NamedTuple):
+class RLWState(NamedTuple):
     """State of :func:`random_loss_weighting`.
 
     Attributes:
-      key: ``(2,)`` uint32: the PRNG key (``jax.random.PRNGKey``) from which
+      key: ``(2,)`` uint32: the PRNG key (``jax.random.PRNGKey``, or a typed
+        key if one was given) from which
         ``weigh`` draws this step's weights; ``update`` replaces it by a fresh
         key. For a batch of independent runs under ``jax.vmap``, build the
-        states as ``RlwState(key=jax.random.split(key, n))``.
+        states as ``RLWState(key=jax.random.split(key, n))``.
     """
 
     key: jax.Array
 
 
-def random_loss_weighting(num_tasks: int, seed: int = 0) -> _base.LossWeighting:
+def random_loss_weighting(
+    num_tasks: int, seed: int = 0, *, key: jax.Array | None = None
+) -> _base.LossWeighting:
     r"""Random loss weighting (RLW): weights drawn afresh at every step.
 
     .. math::
@@ -45,10 +48,12 @@ def random_loss_weighting(num_tasks: int, seed: int = 0) -> _base.LossWeighting:
 
     Args:
       num_tasks: number of tasks :math:`k` (a positive int).
-      seed: the seed of the initial PRNG key (a non-negative int).
+      seed: the seed of the initial PRNG key (a non-negative int); ignored
+        when ``key`` is given.
+      key: an explicit initial PRNG key.
 
     Returns:
-      A :class:`~famo_jax.LossWeighting` with ``init() -> RlwState``.
+      A :class:`~famo_jax.LossWeighting` with ``init() -> RLWState``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -69,29 +74,25 @@ def random_loss_weighting(num_tasks: int, seed: int = 0) -> _base.LossWeighting:
       https://arxiv.org/abs/2111.10603
     """
     num_tasks = _checks.check_num_tasks(num_tasks)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}.")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed}.")
-    seed = int(seed)
+    first_key = _checks.initial_key(seed, key)
 
-    def init() -> RlwState:
-        return RlwState(key=jax.random.PRNGKey(seed))
+    def init() -> RLWState:
+        return RLWState(key=first_key())
 
-    def weights(state: RlwState) -> jax.Array:
+    def weights(state: RLWState) -> jax.Array:
         sample_key = jax.random.split(state.key)[1]
         logits = jax.random.normal(sample_key, (num_tasks,), jnp.float32)
         return jax.nn.softmax(logits)
 
-    def weigh(losses: ArrayLike, state: RlwState) -> jax.Array:
+    def weigh(losses: ArrayLike, state: RLWState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
-        dtype = jnp.promote_types(losses.dtype, jnp.float32)
+        dtype = _numerics.at_least_float32(losses.dtype)
         w = jax.lax.stop_gradient(weights(state)).astype(dtype)
         return jnp.sum(w * losses.astype(dtype)).astype(losses.dtype)
 
-    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: RlwState) -> RlwState:
+    def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: RLWState) -> RLWState:
         _checks.check_losses("prev_losses", prev_losses, num_tasks)
         _checks.check_losses("curr_losses", curr_losses, num_tasks)
-        return RlwState(key=jax.random.split(state.key)[0])
+        return RLWState(key=jax.random.split(state.key)[0])
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)

@@ -1,0 +1,52 @@
+"""Numerical conventions shared by every method: compute dtypes and safe state updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+
+def at_least_float32(dtype: DTypeLike) -> jnp.dtype:
+    """The dtype in which a method computes: ``dtype`` promoted to at least float32.
+
+    Reductions over tasks and logarithms lose the small terms in bfloat16 and
+    float16; the results are cast back to the input's dtype by the callers.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def keep_if_valid(valid: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``valid`` (a scalar bool) holds, else ``old``, leaf by leaf.
+
+    This is how a state update is skipped under ``jit`` without a branch: the
+    update is computed, then discarded when its inputs were invalid.
+    """
+    return jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, old)
+
+
+def counters_after(valid: jax.Array, num_updates: jax.Array, num_skipped: jax.Array):
+    """``(num_updates, num_skipped)`` after an update that was applied iff ``valid``."""
+    applied = valid.astype(jnp.int32)
+    return num_updates + applied, num_skipped + (1 - applied)
+
+
+def nan_unless_finite(gram: jax.Array, weights: jax.Array) -> jax.Array:
+    """NaN weights when the Gram matrix is not finite (a non-finite task gradient).
+
+    The aggregators' outputs are then NaN too, so ``optax.apply_if_finite``
+    skips the step instead of applying weights computed from garbage.
+    """
+    return jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)
+
+
+def finite_or_identity(gram: jax.Array) -> jax.Array:
+    """``gram``, or the identity when it is not finite.
+
+    Solving a harmless problem in place of a non-finite one keeps the solvers'
+    loops bounded and NaN out of their iterates; the result is masked
+    afterwards by :func:`nan_unless_finite`.
+    """
+    return jnp.where(jnp.all(jnp.isfinite(gram)), gram, jnp.eye(gram.shape[0], dtype=gram.dtype))

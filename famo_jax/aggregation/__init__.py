@@ -1,0 +1,34 @@
+r"""Gradient aggregators: O(k) methods that combine every task's gradient into one.
+
+An aggregator is an optax transformation whose input is the per-task gradients
+stacked on a leading axis of size ``k`` (from :func:`task_gradients`) and whose
+output is one gradient. Most are :func:`gram_weighted`: a
+:class:`GramWeighting` picks weights :math:`w` from the ``k x k`` Gram matrix
+of the task gradients, and the output is :math:`\sum_i w_i g_i`. The weights
+functions (``mgda_weights``, ``cagrad_weights``, ...) are public, pure and
+jit-able.
+"""
+
+from famo_jax.aggregation._base import GramWeighting as GramWeighting
+from famo_jax.aggregation._base import ImplicitTaskGradients as ImplicitTaskGradients
+from famo_jax.aggregation._base import combine as combine
+from famo_jax.aggregation._base import gram_matrix as gram_matrix
+from famo_jax.aggregation._base import gram_weighted as gram_weighted
+from famo_jax.aggregation._base import num_tasks_of as num_tasks_of
+from famo_jax.aggregation._base import stateless as stateless
+from famo_jax.aggregation._cagrad import cagrad as cagrad
+from famo_jax.aggregation._cagrad import cagrad_weights as cagrad_weights
+from famo_jax.aggregation._graddrop import GradDropState as GradDropState
+from famo_jax.aggregation._graddrop import graddrop as graddrop
+from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
+from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
+from famo_jax.aggregation._mgda import mgda as mgda
+from famo_jax.aggregation._mgda import mgda_weights as mgda_weights
+from famo_jax.aggregation._nash_mtl import NashMTLState as NashMTLState
+from famo_jax.aggregation._nash_mtl import nash_mtl as nash_mtl
+from famo_jax.aggregation._nash_mtl import nash_mtl_weights as nash_mtl_weights
+from famo_jax.aggregation._pcgrad import PCGradState as PCGradState
+from famo_jax.aggregation._pcgrad import pcgrad as pcgrad
+from famo_jax.aggregation._pcgrad import pcgrad_weights as pcgrad_weights
+from famo_jax.aggregation._shared_trunk import shared_trunk as shared_trunk
+from famo_jax.aggregation._task_gradients import task_gradients as task_gradients
