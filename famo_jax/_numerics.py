@@ -33,6 +33,17 @@ def counters_after(valid: jax.Array, num_updates: jax.Array, num_skipped: jax.Ar
     return num_updates + applied, num_skipped + (1 - applied)
 
 
+def nan_unless(valid: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` where ``valid`` holds; NaN otherwise, *with a NaN gradient*.
+
+    ``jnp.where(valid, value, nan)`` would give a zero gradient where invalid;
+    multiplying by a NaN factor makes the gradient NaN as well, so that a loss
+    weighting given invalid losses yields non-finite model gradients, which
+    ``optax.apply_if_finite`` skips, instead of a finite, wrong step.
+    """
+    return value * jnp.where(valid, 1.0, jnp.nan).astype(value.dtype)
+
+
 def nan_unless_finite(gram: jax.Array, weights: jax.Array) -> jax.Array:
     """NaN weights when the Gram matrix is not finite (a non-finite task gradient).
 

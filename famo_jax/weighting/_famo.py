@@ -228,7 +228,10 @@ def famo(
             weighted = jnp.sum(c * z * jnp.log(gap)) + jnp.sum(
                 (c * z / gap) * (local - jax.lax.stop_gradient(local))
             )
-        return weighted.astype(losses.dtype)
+        # Where a loss is invalid the reference's value is NaN but its gradient
+        # is finite with flipped signs (a negative gap): never a silent step.
+        valid = jnp.all(jnp.isfinite(gap) & (gap > 0))
+        return _numerics.nan_unless(valid, weighted).astype(losses.dtype)
 
     def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FAMOState) -> FAMOState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)

@@ -59,4 +59,8 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8) -> _base.LossWeighting:
     num_tasks = _checks.check_num_tasks(num_tasks)
     eps = _checks.check_nonnegative("eps", eps)
 
-    return _base.stateless(num_tasks, lambda losses: jnp.mean(jnp.log(losses + eps)))
+    return _base.stateless(
+        num_tasks,
+        lambda losses: jnp.mean(jnp.log(losses + eps)),
+        valid_fn=lambda losses: jnp.isfinite(losses) & (losses + eps > 0),
+    )

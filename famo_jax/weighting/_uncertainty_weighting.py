@@ -121,7 +121,8 @@ def uncertainty_weighting(
         losses = _checks.check_losses("losses", losses, num_tasks)
         dtype = jnp.promote_types(losses.dtype, state.log_vars.dtype)
         log_vars = jax.lax.stop_gradient(state.log_vars).astype(dtype)
-        return objective(losses.astype(dtype), log_vars).astype(losses.dtype)
+        value = objective(losses.astype(dtype), log_vars)
+        return _numerics.nan_unless(jnp.all(jnp.isfinite(losses)), value).astype(losses.dtype)
 
     def update(
         prev_losses: ArrayLike, curr_losses: ArrayLike, state: UncertaintyWeightingState

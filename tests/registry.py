@@ -1,0 +1,137 @@
+"""The one registry of methods under test: every loss weighting and every aggregator.
+
+The shared conformance suite (``tests/test_conformance.py``) runs every entry
+through the same checks; the checkpoint and data-parallel tests take their
+methods from here too. A new method gets one :class:`Case` here (and its own
+test file only for reference parity and behaviour specific to it).
+
+A case says how to build the method for ``k`` tasks and which laws hold for
+it; the suite derives everything else (jit without retracing, vmap, dtypes,
+optax.chain, faults, checkpoints) from the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import famo_jax
+
+WEIGHTING = "weighting"
+AGGREGATOR = "aggregator"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One method under test.
+
+    Attributes:
+      name: the test id (the public factory's name, or the factory's name plus
+        the variant).
+      family: ``WEIGHTING`` (a ``famo_jax.LossWeighting``) or ``AGGREGATOR``
+        (an optax transformation over stacked task gradients).
+      build: ``num_tasks -> method``, the configuration under test.
+      task_order_invariant: permuting the tasks permutes the weights (False for
+        methods that draw random numbers per task, or depend on the order).
+      equal_gradients_factor: aggregators only: the output for ``k`` equal task
+        gradients ``v`` is ``factor * v`` (1: the mean scale convention); None
+        when the method has no such law.
+      gram_based: aggregators only: it accepts
+        ``famo_jax.aggregation.ImplicitTaskGradients`` and gives the same update.
+      needs_losses: aggregators only: ``update`` needs ``losses=`` (an extra
+        argument, forwarded by ``optax.chain``).
+      axis_name: weightings only: the factory takes ``axis_name`` for data
+        parallelism (``build_with_axis_name`` builds it).
+      build_with_axis_name: ``(num_tasks, axis_name) -> method``, for the
+        data-parallel checks.
+      log_losses: weightings only: it takes logs of the losses, so losses at or
+        below zero (``min_losses``, default 0) are invalid, like non-finite ones.
+      build_for_laws: a variant used by the property tests where the default
+        configuration would hide an exact law behind optimizer noise (FAMO with
+        SGD on its logits, say); default ``build``.
+    """
+
+    name: str
+    family: str
+    build: Callable[[int], Any]
+    task_order_invariant: bool = True
+    equal_gradients_factor: float | None = 1.0
+    gram_based: bool = True
+    needs_losses: bool = False
+    axis_name: bool = False
+    build_with_axis_name: Callable[[int, Any], Any] | None = None
+    log_losses: bool = False
+    build_for_laws: Callable[[int], Any] | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def make(self, num_tasks: int) -> Any:
+        return self.build(num_tasks)
+
+    def make_for_laws(self, num_tasks: int) -> Any:
+        return (self.build_for_laws or self.build)(num_tasks)
+
+
+# ---------------------------------------------------------------------------
+# Loss weightings.
+
+WEIGHTINGS: tuple[Case, ...] = (
+    Case(
+        "famo",
+        WEIGHTING,
+        lambda k: famo_jax.famo(k),
+        axis_name=True,
+        build_with_axis_name=lambda k, axis: famo_jax.famo(k, axis_name=axis),
+        log_losses=True,
+        # Plain SGD on the logits: the laws are exact in exact arithmetic, and
+        # Adam would magnify rounding where the logits' gradient nearly cancels.
+        build_for_laws=lambda k: famo_jax.famo(k, optimizer=optax.sgd(0.5)),
+    ),
+    Case("linear_scalarization", WEIGHTING, famo_jax.linear_scalarization),
+    Case("scale_invariant", WEIGHTING, famo_jax.scale_invariant, log_losses=True),
+    Case(
+        "random_loss_weighting",
+        WEIGHTING,
+        lambda k: famo_jax.random_loss_weighting(k, seed=0),
+        # Its weights are i.i.d. in law, not per realisation.
+        task_order_invariant=False,
+    ),
+    # A short window so that the dynamic phase (after window + 1 steps) is exercised.
+    Case("dwa", WEIGHTING, lambda k: famo_jax.dwa(k, window=2)),
+    Case("uncertainty_weighting", WEIGHTING, famo_jax.uncertainty_weighting),
+    # --- robust FAMO (issue 12) ---
+    # --- loss weightings of the peers (issue 14) ---
+)
+
+
+# ---------------------------------------------------------------------------
+# Gradient aggregators.
+
+AGGREGATORS: tuple[Case, ...] = (
+    # Equal task gradients v give (1 + c) / (1 + c^2) v with the authors' default
+    # rescale=1 (documented; rescale=2 gives the mean).
+    Case("cagrad", AGGREGATOR, lambda k: famo_jax.cagrad(), equal_gradients_factor=1.4 / 1.16),
+    Case("cagrad_rescale2", AGGREGATOR, lambda k: famo_jax.cagrad(rescale=2)),
+    Case("mgda", AGGREGATOR, lambda k: famo_jax.mgda()),
+    Case("mgda_loss+", AGGREGATOR, lambda k: famo_jax.mgda("loss+"), needs_losses=True),
+    # PCGrad projects in a random task order by design.
+    Case("pcgrad", AGGREGATOR, lambda k: famo_jax.pcgrad(seed=0), task_order_invariant=False),
+    Case("imtl_g", AGGREGATOR, lambda k: famo_jax.imtl_g()),
+    Case("nash_mtl", AGGREGATOR, lambda k: famo_jax.nash_mtl(num_tasks=k)),
+    Case(
+        "nash_mtl_every3",
+        AGGREGATOR,
+        lambda k: famo_jax.nash_mtl(num_tasks=k, update_weights_every=3),
+    ),
+    # Not Gram-based: it needs every task gradient entry by entry.
+    Case("graddrop", AGGREGATOR, lambda k: famo_jax.graddrop(seed=0), gram_based=False),
+    # --- aggregators of the peers (issue 14) ---
+)
+
+ALL: tuple[Case, ...] = WEIGHTINGS + AGGREGATORS
+BY_NAME: dict[str, Case] = {case.name: case for case in ALL}
+assert len(BY_NAME) == len(ALL), "duplicate case names"
