@@ -102,7 +102,11 @@ def famo(
     finite, or is at or below ``min_losses - eps`` (its log is undefined),
     ``update`` leaves ``logits`` and ``opt_state`` unchanged and increments
     ``num_skipped``. ``weigh`` returns NaN for such losses, exactly as the
-    reference does. To turn them into an error naming the task, call
+    reference does, and so does its gradient: the reference's gradient is
+    finite there with flipped signs (losses ``[1, -0.5, 2]`` with bound 0 give
+    weights ``[-2, 4, -1]``), a silent wrong step that here becomes a
+    non-finite model gradient, which ``optax.apply_if_finite`` skips. To turn
+    them into an error naming the task, call
     :func:`check_famo_losses` (eagerly, or inside a function transformed by
     ``jax.experimental.checkify.checkify``).
 

@@ -147,36 +147,3 @@ def test_permutation_equivariance(problem, rng):
             permuted(two_updates(weighting, prev, curr, state)),
             atol=1e-8,
         )
-
-
-@settings(SETTINGS, max_examples=5)
-@given(problems())
-def test_jit_equals_eager(problem):
-    prev, curr, logits = problem
-    k = len(prev)
-    weighting = famo_jax.famo(k)
-    state = state_with(weighting, logits)
-    losses = jnp.asarray(curr, jnp.float32)
-    np.testing.assert_allclose(
-        jax.jit(weighting.weigh)(losses, state), weighting.weigh(losses, state), rtol=1e-6
-    )
-    np.testing.assert_allclose(
-        jax.jit(famo_jax.loss_weights, static_argnums=0)(weighting, losses, state),
-        famo_jax.loss_weights(weighting, losses, state),
-        rtol=1e-6,
-    )
-    sgd_weighting = famo_jax.famo(k, optimizer=optax.sgd(1.0))
-    sgd_state = state_with(sgd_weighting, logits)
-    chex.assert_trees_all_close(
-        jax.jit(functools.partial(two_updates, sgd_weighting))(prev, curr, sgd_state),
-        two_updates(sgd_weighting, prev, curr, sgd_state),
-        atol=1e-6,
-    )
-    with jax.enable_x64(True):
-        weighting = famo_jax.famo(k, logits_dtype=jnp.float64)
-        state = state_with(weighting, logits, jnp.float64)
-        chex.assert_trees_all_close(
-            jax.jit(functools.partial(two_updates, weighting))(prev, curr, state),
-            two_updates(weighting, prev, curr, state),
-            atol=1e-8,
-        )

@@ -34,7 +34,7 @@ import pytest
 
 import famo_jax
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "reference" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "reference" / "fixtures"
 NUM_STEPS = 1000
 LEARNING_RATE = 0.025
 GAMMAS = (0.0, 1e-3, 1e-2)
