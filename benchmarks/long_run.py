@@ -48,7 +48,7 @@ Loss sequences (``num_tasks`` tasks, one sequence per regime):
   entries replaced by NaN, inf or a negative value (these updates must be
   skipped).
 
-Run: ``python benchmarks/long_run.py`` (one million updates, every regime for
+Run: ``python -m benchmarks.long_run`` (one million updates, every regime for
 gamma in {0, 0.001, 0.01}, in float32 and float64; about a minute on a laptop
 CPU). ``--updates`` and ``--chunk`` change the length and how often it reports.
 """

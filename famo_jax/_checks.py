@@ -7,6 +7,7 @@ properties (shape and dtype) only, because values cannot raise under ``jit``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +97,7 @@ def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
         raise TypeError(f"{name} must be {expected}, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
+    if not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
     return value
 
