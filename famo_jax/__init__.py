@@ -33,6 +33,8 @@ from famo_jax.weighting import FAMOState as FAMOState
 from famo_jax.weighting import LossWeighting as LossWeighting
 from famo_jax.weighting import RLWState as RLWState
 from famo_jax.weighting import UncertaintyWeightingState as UncertaintyWeightingState
+from famo_jax.weighting import WeightingTransformState as WeightingTransformState
+from famo_jax.weighting import as_optax as as_optax
 from famo_jax.weighting import check_famo_losses as check_famo_losses
 from famo_jax.weighting import dwa as dwa
 from famo_jax.weighting import famo as famo
@@ -42,6 +44,7 @@ from famo_jax.weighting import loss_weights as loss_weights
 from famo_jax.weighting import random_loss_weighting as random_loss_weighting
 from famo_jax.weighting import scale_invariant as scale_invariant
 from famo_jax.weighting import uncertainty_weighting as uncertainty_weighting
+from famo_jax.weighting import weighting_state as weighting_state
 
 # The names of the states before 0.2, kept so that existing code keeps working.
 FamoState = FAMOState
@@ -64,7 +67,9 @@ __all__ = [
     "RlwState",
     "UncertaintyState",
     "UncertaintyWeightingState",
+    "WeightingTransformState",
     "aggregation",
+    "as_optax",
     "cagrad",
     "check_famo_losses",
     "dwa",
@@ -85,4 +90,5 @@ __all__ = [
     "task_gradients",
     "uncertainty_weighting",
     "weighting",
+    "weighting_state",
 ]

@@ -84,9 +84,18 @@ def check_optimizer(
     return optimizer
 
 
-def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) -> Any:
-    """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
+def check_nonnegative(
+    name: str, value: Any, *, allow_callable: bool = False, allow_traced: bool = False
+) -> Any:
+    """Raises unless ``value`` is a finite real number >= 0 (or a schedule).
+
+    With ``allow_traced``, a traced 0-d floating array passes unchecked: what
+    ``optax.inject_hyperparams`` gives a factory inside ``jit``, where the value
+    cannot be read (it was checked when the hyperparameter was first given).
+    """
     if allow_callable and callable(value):
+        return value
+    if allow_traced and isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
         return value
     if np.ndim(value) == 0 and isinstance(value, (np.ndarray, np.generic, jax.Array)):
         # A concrete 0-d array (e.g. jnp.asarray(0.01)) is a number too; a tracer

@@ -16,6 +16,9 @@ from famo_jax.weighting._famo import check_famo_losses as check_famo_losses
 from famo_jax.weighting._famo import famo as famo
 from famo_jax.weighting._famo import reference_adam as reference_adam
 from famo_jax.weighting._linear_scalarization import linear_scalarization as linear_scalarization
+from famo_jax.weighting._optax import WeightingTransformState as WeightingTransformState
+from famo_jax.weighting._optax import as_optax as as_optax
+from famo_jax.weighting._optax import weighting_state as weighting_state
 from famo_jax.weighting._random_loss_weighting import RLWState as RLWState
 from famo_jax.weighting._random_loss_weighting import random_loss_weighting as random_loss_weighting
 from famo_jax.weighting._scale_invariant import scale_invariant as scale_invariant
