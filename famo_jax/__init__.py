@@ -42,6 +42,7 @@ from famo_jax.weighting import linear_scalarization as linear_scalarization
 from famo_jax.weighting import linearize_weigh as linearize_weigh
 from famo_jax.weighting import loss_weights as loss_weights
 from famo_jax.weighting import random_loss_weighting as random_loss_weighting
+from famo_jax.weighting import robust_famo as robust_famo
 from famo_jax.weighting import scale_invariant as scale_invariant
 from famo_jax.weighting import uncertainty_weighting as uncertainty_weighting
 from famo_jax.weighting import weighting_state as weighting_state
@@ -85,6 +86,7 @@ __all__ = [
     "pcgrad",
     "problems",
     "random_loss_weighting",
+    "robust_famo",
     "scale_invariant",
     "shared_trunk",
     "task_gradients",

@@ -21,6 +21,8 @@ from famo_jax.weighting._optax import as_optax as as_optax
 from famo_jax.weighting._optax import weighting_state as weighting_state
 from famo_jax.weighting._random_loss_weighting import RLWState as RLWState
 from famo_jax.weighting._random_loss_weighting import random_loss_weighting as random_loss_weighting
+from famo_jax.weighting._robust_famo import RobustFAMOState as RobustFAMOState
+from famo_jax.weighting._robust_famo import robust_famo as robust_famo
 from famo_jax.weighting._scale_invariant import scale_invariant as scale_invariant
 from famo_jax.weighting._uncertainty_weighting import (
     UncertaintyWeightingState as UncertaintyWeightingState,
