@@ -122,15 +122,15 @@ def test_unknown_method_is_rejected():
 
 
 def test_main_quick_prints_the_table_and_saves_both_figures(tmp_path, capsys):
-    out = tmp_path / "toy.png"
-    results = toy_pareto.main(["--quick", "--methods", "LS", "FAMO", "--out", str(out)])
+    results = toy_pareto.main(["--quick", "--methods", "LS", "FAMO", "--out", str(tmp_path)])
     assert [r.method for r in results] == ["LS", "FAMO"]
-    assert out.stat().st_size > 10_000
-    assert (tmp_path / "toy_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "toy_pareto.png").stat().st_size > 10_000
+    assert (tmp_path / "toy_pareto_curves.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     table_rows = [line for line in printed.splitlines() if line.startswith("| LS |")]
     assert len(table_rows) == 5 + 1  # five starts, one timing row
     assert "| FAMO | (9, 9) |" in printed and "200 Adam steps" in printed
+    assert "smoke test" in printed
 
 
 def _authors_pcgrad_sum(g):
