@@ -315,9 +315,7 @@ def main() -> None:
             records = run_authors(famo_class, grads, every, solver)
             for field, value in records.items():
                 arrays[f"{name}_{solver}_{field}"] = value
-            summary.append(
-                f"{solver}: " + " ".join(LABELS[i][:2] for i in records["label"])
-            )
+            summary.append(f"{solver}: " + " ".join(LABELS[i][:2] for i in records["label"]))
         if navon_class is not None:
             navon = run_authors(navon_class, grads, every, "ecos")
             assert np.array_equal(navon["alpha"], arrays[f"{name}_ecos_alpha"]), name
