@@ -131,10 +131,11 @@ def nash_mtl(
     :math:`\alpha` by :math:`1/s`. This is the default.
 
     ``normalize_gram=True`` instead solves the equation for :math:`G G^\top /
-    \|G G^\top\|_F` (famo_jax 0.1's behaviour): :math:`\alpha` is then
-    :math:`\|G G^\top\|_F^{1/2}` times the authors', the direction is the same,
-    and the update's size :math:`\sqrt{k}\, \|G G^\top\|_F^{1/2}` grows linearly
-    with the gradients, as LS's, MGDA's or CAGrad's do.
+    \|G G^\top\|_F` (what famo_jax computed before it followed the authors'
+    units): :math:`\alpha` is then :math:`\|G G^\top\|_F^{1/2}` times the
+    authors', the direction is the same, and the update's size :math:`\sqrt{k}\,
+    \|G G^\top\|_F^{1/2}` grows linearly with the gradients, as LS's, MGDA's or
+    CAGrad's do.
 
     The authors approximate the solution with up to 20 linearised convex
     problems solved by cvxpy/ECOS. Here the equation is solved in pure JAX as
