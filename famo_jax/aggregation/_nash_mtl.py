@@ -155,8 +155,9 @@ def nash_mtl(
     > 1`` and where no solution exists. Their class departs from the solution,
     and this port does not follow it: (i) when its linearisation at the previous
     weights is unbounded (when the previous direction hurts a task of the new
-    gradients, or when the gradients are tiny, about 1e-5), it keeps the
-    previous weights; (ii) when the previous weights pass its stopping tests,
+    gradients, when the gradients are small, norms of about 1e-3 and below, or
+    when their size jumps by orders of magnitude), it keeps the previous
+    weights; (ii) when the previous weights pass its stopping tests,
     which are in normalised units or absolute (equal task gradients keep
     :math:`\alpha = 1`; gradients so large that :math:`\alpha \approx 10^{-5}`
     move less than its ``1e-6``), it keeps them too; (iii) when the task
