@@ -53,8 +53,8 @@ identical at every step.
 Why two solvers: the authors' ``NashMTL`` approximates the bargaining solution
 with up to 20 linearised convex problems. Where those converge (98 of the 180
 steps), ECOS and CLARABEL agree to 4e-7 and the weights solve the bargaining
-equation. Where they stall (47 steps: every step with task gradient norms
-spread over a decade or more) the returned weights differ between the two
+equation. Where they stall (47 steps, among them every step whose task gradient
+norms spread over a decade or more) the returned weights differ between the two
 solvers by 2e-5 to 1e19 relative (median 2.6): they are an artefact of the
 approximation, not a function of the gradients. The committed file records
 both, so the parity test can say which steps are well defined.
