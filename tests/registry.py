@@ -38,7 +38,8 @@ class Case:
         methods that draw random numbers per task, or depend on the order).
       equal_gradients_factor: aggregators only: the output for ``k`` equal task
         gradients ``v`` is ``factor * v`` (1: the mean scale convention); None
-        when the method has no such law.
+        when the method has no such law (a single task's output is then only
+        compared in direction).
       gram_based: aggregators only: it accepts
         ``famo_jax.aggregation.ImplicitTaskGradients`` and gives the same update.
       needs_losses: aggregators only: ``update`` needs ``losses=`` (an extra
@@ -121,11 +122,24 @@ AGGREGATORS: tuple[Case, ...] = (
     # PCGrad projects in a random task order by design.
     Case("pcgrad", AGGREGATOR, lambda k: famo_jax.pcgrad(seed=0), task_order_invariant=False),
     Case("imtl_g", AGGREGATOR, lambda k: famo_jax.imtl_g()),
-    Case("nash_mtl", AGGREGATOR, lambda k: famo_jax.nash_mtl(num_tasks=k)),
+    # Nash-MTL in the authors' units has an update of fixed norm 1 / sqrt(k):
+    # equal task gradients v give v / (sqrt(k) |v|), not a fixed multiple of v.
+    Case(
+        "nash_mtl",
+        AGGREGATOR,
+        lambda k: famo_jax.nash_mtl(num_tasks=k),
+        equal_gradients_factor=None,
+    ),
     Case(
         "nash_mtl_every3",
         AGGREGATOR,
         lambda k: famo_jax.nash_mtl(num_tasks=k, update_weights_every=3),
+        equal_gradients_factor=None,
+    ),
+    Case(
+        "nash_mtl_normalize_gram",
+        AGGREGATOR,
+        lambda k: famo_jax.nash_mtl(num_tasks=k, normalize_gram=True),
     ),
     # Not Gram-based: it needs every task gradient entry by entry.
     Case("graddrop", AGGREGATOR, lambda k: famo_jax.graddrop(seed=0), gram_based=False),
