@@ -337,18 +337,18 @@ def famo(
         heaviest_delta = jnp.max(jnp.where(z == jnp.max(z), delta, -jnp.inf))
         shifted = delta - heaviest_delta
         logits_grad = (z * (shifted - jnp.dot(z, shifted))).astype(state.logits.dtype)
-        updates, opt_state = optimizer.update(logits_grad, state.opt_state, state.logits)
-        logits = optax.apply_updates(state.logits, updates)
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
         # bound; such a step is skipped so that the state is never corrupted.
-        valid = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(logits))
-        logits, opt_state = _numerics.keep_if_valid(
-            valid, (logits, opt_state), (state.logits, state.opt_state)
+        step = _numerics.guarded_optimizer_step(
+            optimizer,
+            logits_grad,
+            state.logits,
+            state.opt_state,
+            jnp.all(jnp.isfinite(delta)),
+            state.num_updates,
+            state.num_skipped,
         )
-        num_updates, num_skipped = _numerics.counters_after(
-            valid, state.num_updates, state.num_skipped
-        )
-        return FAMOState(logits, opt_state, num_updates, num_skipped, state.min_losses)
+        return FAMOState(*step, min_losses=state.min_losses)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)
 
