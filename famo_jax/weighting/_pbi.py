@@ -1,0 +1,126 @@
+"""Penalty-based boundary intersection (PBI, Zhang and Li 2007), the MOEA/D scalarisation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from famo_jax import _checks
+from famo_jax.weighting import _base
+
+
+def _norm(vector: jax.Array) -> jax.Array:
+    """The Euclidean norm, without overflow, with gradient zero at the origin.
+
+    ``jnp.sqrt(jnp.sum(v**2))`` has a NaN gradient at ``v = 0`` (PyTorch's
+    ``torch.norm``, which the reference uses, gives zero there) and squares
+    overflow float32 beyond 1.8e19; dividing by the largest entry (a constant
+    for the gradient, since the norm is homogeneous) avoids both.
+    """
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(vector)))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    squares = jnp.sum((vector / scale) ** 2)
+    positive = squares > 0
+    return scale * jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
+def pbi(
+    num_tasks: int,
+    preference: ArrayLike | None = None,
+    theta: float = 1.0,
+    ideal: ArrayLike | None = None,
+) -> _base.LossWeighting:
+    r"""Penalty-based boundary intersection (PBI): distance along and off a preference ray.
+
+    With a preference :math:`\lambda` (positive, one entry per task), its unit
+    vector :math:`u = \lambda / \|\lambda\|_2` and the ideal point :math:`z`,
+    PBI measures how far the losses are along the ray :math:`z + t u` and how
+    far they are from it:
+
+    .. math::
+        d_1 = \langle \ell - z, u\rangle, \qquad
+        d_2 = \big\| \ell - z - d_1 u \big\|_2, \qquad
+        L(\ell) = c\,(d_1 + \theta\, d_2), \quad
+        c = \frac{\|\lambda\|_2}{\|\lambda\|_1},
+
+    so that :math:`\nabla_\ell L = c\,u + \theta c\, r / \|r\|` with
+    :math:`r = \ell - z - d_1 u`: the :math:`d_1` term weighs the tasks by
+    :math:`\lambda / \sum_i \lambda_i` (for the uniform default, :math:`1/k`:
+    the mean scale of :func:`~famo_jax.linear_scalarization`), and the penalty
+    pulls the losses onto the ray. **The weights can be negative**: a task whose
+    loss is below its share of the ray gets pushed up (with the uniform
+    preference and :math:`z = 0`, PBI equalises the losses). It is not Pareto
+    compliant (its minimisers need not be Pareto optimal); :math:`\theta = 0`
+    is linear scalarisation with weights :math:`\lambda / \sum_i\lambda_i`.
+    There is no state; ``update`` returns it unchanged. Losses must be finite
+    (any sign is fine).
+
+    Reference followed: PBI as used for multitask learning in LibMOON (Zhang,
+    Lin et al., the STCH authors' group; ``libmoon/util/scalarization.py::pbi``,
+    the ``agg_pbi`` solver), which LibMTL and the STCH repository lack.
+    Differences from it:
+
+    - the value is multiplied by :math:`c = \|\lambda\|_2/\|\lambda\|_1`
+      (:math:`1/\sqrt{k}` for the uniform preference) to be on the mean scale;
+      LibMOON's value (and gradient) is :math:`1/c` times this one;
+    - the ideal point :math:`z` (default 0) is subtracted as in MOEA/D; LibMOON's
+      PyTorch ``pbi`` accepts ``z`` but ignores it (it measures from the origin,
+      which is the default here);
+    - :math:`\theta` defaults to LibMOON's ``coeff=1``; Zhang and Li's MOEA/D
+      uses :math:`\theta = 5` (also LibMOON's PBI indicator);
+    - at :math:`d_2 = 0` the penalty's gradient is zero, as with ``torch.norm``
+      in the reference; :math:`d_2` is computed without overflowing squares.
+      (LibMOON's MOEA/D module ``penalty_boundary_intersection`` uses the
+      un-normalised :math:`\lambda` in :math:`d_2`; the gradient solvers use
+      :math:`u`, as here.)
+
+    Args:
+      num_tasks: number of tasks :math:`k` (a positive int).
+      preference: the preference :math:`\lambda`, a scalar or shape
+        ``(num_tasks,)``, entries > 0; default uniform.
+      theta: the penalty :math:`\theta \ge 0`.
+      ideal: the ideal point :math:`z`, a scalar or shape ``(num_tasks,)``;
+        default 0.
+
+    Returns:
+      A :class:`~famo_jax.LossWeighting`; ``weigh(losses, state)`` returns a
+      scalar in the dtype of ``losses`` (computed in at least float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import famo_jax
+      >>> weighting = famo_jax.pbi(2, theta=2.0)
+      >>> state = weighting.init()
+      >>> famo_jax.loss_weights(weighting, jnp.array([1.0, 1.0]), state)  # on the ray
+      Array([0.5, 0.5], dtype=float32)
+      >>> w = famo_jax.loss_weights(weighting, jnp.array([1.0, 3.0]), state)
+      >>> [round(x, 4) for x in w.tolist()]  # task 0 is below the ray: its loss is pushed up
+      [-0.5, 1.5]
+
+    References:
+      Zhang and Li, *MOEA/D: A Multiobjective Evolutionary Algorithm Based on
+      Decomposition*, IEEE TEC 2007 (PBI). Zhang, Lin et al., *LibMOON: A
+      Gradient-based MultiObjective OptimizatioN Library in PyTorch*, NeurIPS
+      2024 Datasets and Benchmarks. Code: https://github.com/xzhang2523/libmoon
+    """
+    num_tasks = _checks.check_num_tasks(num_tasks)
+    preference = _checks.check_task_vector(
+        "preference", 1.0 if preference is None else preference, num_tasks
+    )
+    if np.any(preference <= 0):
+        raise ValueError(f"preference must be > 0 for every task, got {preference}.")
+    theta = _checks.check_nonnegative("theta", theta)
+    ideal = _checks.check_task_vector("ideal", 0.0 if ideal is None else ideal, num_tasks)
+    direction = preference / np.linalg.norm(preference)
+    scale = float(np.linalg.norm(preference) / np.sum(preference))
+
+    def weigh_fn(losses: jax.Array) -> jax.Array:
+        unit = jnp.asarray(direction, losses.dtype)
+        shifted = losses - jnp.asarray(ideal, losses.dtype)
+        along = jnp.dot(shifted, unit)
+        off = _norm(shifted - along * unit)
+        return scale * (along + theta * off)
+
+    return _base.stateless(num_tasks, weigh_fn)
