@@ -71,7 +71,11 @@ def pbi(
     - :math:`\theta` defaults to LibMOON's ``coeff=1``; Zhang and Li's MOEA/D
       uses :math:`\theta = 5` (also LibMOON's PBI indicator);
     - at :math:`d_2 = 0` the penalty's gradient is zero, as with ``torch.norm``
-      in the reference; :math:`d_2` is computed without overflowing squares.
+      in the reference; so it is when :math:`d_2` is below the rounding level
+      of the losses, :math:`8 k\,\varepsilon_{\rm mach} \|\ell - z\|` (e.g.
+      equal losses on the uniform ray, where the reference's residual is
+      rounding noise and its penalty gradient a unit vector of arbitrary
+      direction); :math:`d_2` is computed without overflowing squares.
       (LibMOON's MOEA/D module ``penalty_boundary_intersection`` uses the
       un-normalised :math:`\lambda` in :math:`d_2`; the gradient solvers use
       :math:`u`, as here.)
@@ -121,6 +125,10 @@ def pbi(
         shifted = losses - jnp.asarray(ideal, losses.dtype)
         along = jnp.dot(shifted, unit)
         off = _norm(shifted - along * unit)
+        # On the ray the residual is rounding noise whose direction would decide the
+        # penalty's gradient: below the rounding level it counts as zero.
+        noise = 8 * num_tasks * jnp.finfo(losses.dtype).eps * _norm(shifted)
+        off = jnp.where(off > jax.lax.stop_gradient(noise), off, 0.0)
         return scale * (along + theta * off)
 
     return _base.stateless(num_tasks, weigh_fn)
