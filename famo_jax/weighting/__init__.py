@@ -23,6 +23,7 @@ from famo_jax.weighting._imtl_l import IMTLLState as IMTLLState
 from famo_jax.weighting._imtl_l import imtl_l as imtl_l
 from famo_jax.weighting._linear_scalarization import linear_scalarization as linear_scalarization
 from famo_jax.weighting._pbi import pbi as pbi
+from famo_jax.weighting._pbi import pbi_scalarization as pbi_scalarization
 from famo_jax.weighting._random_loss_weighting import RLWState as RLWState
 from famo_jax.weighting._random_loss_weighting import random_loss_weighting as random_loss_weighting
 from famo_jax.weighting._scale_invariant import scale_invariant as scale_invariant

@@ -12,18 +12,60 @@ from famo_jax.weighting import _base
 
 
 def _norm(vector: jax.Array) -> jax.Array:
-    """The Euclidean norm, without overflow, with gradient zero at the origin.
+    """The Euclidean norm, with gradient zero at the origin.
 
-    ``jnp.sqrt(jnp.sum(v**2))`` has a NaN gradient at ``v = 0`` (PyTorch's
-    ``torch.norm``, which the reference uses, gives zero there) and squares
-    overflow float32 beyond 1.8e19; dividing by the largest entry (a constant
-    for the gradient, since the norm is homogeneous) avoids both.
+    ``jnp.sqrt(jnp.sum(v**2))`` has a NaN gradient at ``v = 0``; PyTorch's
+    ``torch.norm``, which the reference uses, gives zero there. Like the
+    reference's, the squares overflow float32 beyond 1.8e19.
     """
-    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(vector)))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    squares = jnp.sum((vector / scale) ** 2)
+    squares = jnp.sum(vector * vector)
     positive = squares > 0
-    return scale * jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
+def pbi_scalarization(
+    losses: ArrayLike, preference: ArrayLike, theta: ArrayLike = 1.0, ideal: ArrayLike = 0.0
+) -> jax.Array:
+    r"""The PBI value :math:`c\,(d_1 + \theta d_2)` of :func:`pbi`, with array arguments.
+
+    A pure function of arrays (all may be traced), for preferences that change
+    from step to step: LibMOON's ``agg_pbi`` draws a Dirichlet preference for
+    every batch, for instance. :func:`pbi` is this function with a fixed
+    preference, validated when it is built; here the preference's entries are
+    assumed positive.
+
+    Args:
+      losses: ``(k,)`` task losses (a floating dtype).
+      preference: ``(k,)`` the preference :math:`\lambda` (entries > 0).
+      theta: the penalty :math:`\theta \ge 0` (a scalar).
+      ideal: the ideal point :math:`z`, a scalar or ``(k,)``.
+
+    Returns:
+      The scalar :math:`c\,(d_1 + \theta d_2)`, in the promotion of the
+      arguments' dtypes (no invalid-loss masking: see :func:`pbi`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from famo_jax.weighting import pbi_scalarization
+      >>> value = pbi_scalarization(jnp.array([1.0, 3.0]), jnp.array([1.0, 1.0]), theta=0.0)
+      >>> round(float(value), 5)  # theta = 0: the mean
+      2.0
+    """
+    losses = jnp.asarray(losses)
+    dtype = jnp.result_type(losses, preference, theta, ideal)
+    losses = losses.astype(dtype)
+    preference = jnp.asarray(preference, dtype)
+    length = _norm(preference)
+    unit = preference / length
+    scale = length / jnp.sum(preference)
+    shifted = losses - jnp.asarray(ideal, dtype)
+    along = jnp.dot(shifted, unit)
+    off = _norm(shifted - along * unit)
+    # On the ray the residual is rounding noise whose direction would decide the
+    # penalty's gradient: below the rounding level it counts as zero.
+    noise = 8 * losses.shape[0] * jnp.finfo(dtype).eps * _norm(shifted)
+    off = jnp.where(off > jax.lax.stop_gradient(noise), off, 0.0)
+    return scale * (along + jnp.asarray(theta, dtype) * off)
 
 
 def pbi(
@@ -55,7 +97,8 @@ def pbi(
     compliant (its minimisers need not be Pareto optimal); :math:`\theta = 0`
     is linear scalarisation with weights :math:`\lambda / \sum_i\lambda_i`.
     There is no state; ``update`` returns it unchanged. Losses must be finite
-    (any sign is fine).
+    (any sign is fine). For a preference that changes from step to step, call
+    :func:`pbi_scalarization` directly.
 
     Reference followed: PBI as used for multitask learning in LibMOON (Zhang,
     Lin et al., the STCH authors' group; ``libmoon/util/scalarization.py::pbi``,
@@ -70,12 +113,14 @@ def pbi(
       which is the default here);
     - :math:`\theta` defaults to LibMOON's ``coeff=1``; Zhang and Li's MOEA/D
       uses :math:`\theta = 5` (also LibMOON's PBI indicator);
+    - losses beyond about 1e19 overflow float32 in :math:`d_2` (as in the
+      reference): the value is then infinite;
     - at :math:`d_2 = 0` the penalty's gradient is zero, as with ``torch.norm``
       in the reference; so it is when :math:`d_2` is below the rounding level
       of the losses, :math:`8 k\,\varepsilon_{\rm mach} \|\ell - z\|` (e.g.
       equal losses on the uniform ray, where the reference's residual is
       rounding noise and its penalty gradient a unit vector of arbitrary
-      direction); :math:`d_2` is computed without overflowing squares.
+      direction).
       (LibMOON's MOEA/D module ``penalty_boundary_intersection`` uses the
       un-normalised :math:`\lambda` in :math:`d_2`; the gradient solvers use
       :math:`u`, as here.)
@@ -97,8 +142,9 @@ def pbi(
       >>> import famo_jax
       >>> weighting = famo_jax.pbi(2, theta=2.0)
       >>> state = weighting.init()
-      >>> famo_jax.loss_weights(weighting, jnp.array([1.0, 1.0]), state)  # on the ray
-      Array([0.5, 0.5], dtype=float32)
+      >>> w = famo_jax.loss_weights(weighting, jnp.array([1.0, 1.0]), state)
+      >>> [round(x, 4) for x in w.tolist()]  # on the ray
+      [0.5, 0.5]
       >>> w = famo_jax.loss_weights(weighting, jnp.array([1.0, 3.0]), state)
       >>> [round(x, 4) for x in w.tolist()]  # task 0 is below the ray: its loss is pushed up
       [-0.5, 1.5]
@@ -117,18 +163,13 @@ def pbi(
         raise ValueError(f"preference must be > 0 for every task, got {preference}.")
     theta = _checks.check_nonnegative("theta", theta)
     ideal = _checks.check_task_vector("ideal", 0.0 if ideal is None else ideal, num_tasks)
-    direction = preference / np.linalg.norm(preference)
-    scale = float(np.linalg.norm(preference) / np.sum(preference))
 
     def weigh_fn(losses: jax.Array) -> jax.Array:
-        unit = jnp.asarray(direction, losses.dtype)
-        shifted = losses - jnp.asarray(ideal, losses.dtype)
-        along = jnp.dot(shifted, unit)
-        off = _norm(shifted - along * unit)
-        # On the ray the residual is rounding noise whose direction would decide the
-        # penalty's gradient: below the rounding level it counts as zero.
-        noise = 8 * num_tasks * jnp.finfo(losses.dtype).eps * _norm(shifted)
-        off = jnp.where(off > jax.lax.stop_gradient(noise), off, 0.0)
-        return scale * (along + theta * off)
+        return pbi_scalarization(
+            losses,
+            jnp.asarray(preference, losses.dtype),
+            jnp.asarray(theta, losses.dtype),
+            jnp.asarray(ideal, losses.dtype),
+        )
 
     return _base.stateless(num_tasks, weigh_fn)
