@@ -18,6 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# jax.enable_x64 since JAX 0.7, jax.experimental.enable_x64 before (the same shim
+# as main's tests/_compat.py, kept here so that this module stands alone).
+if hasattr(jax, "enable_x64"):
+    enable_x64 = jax.enable_x64
+else:  # JAX < 0.7
+    from jax.experimental import enable_x64
+
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "reference" / "fixtures" / "breadth_c"
 PRECISIONS = {"f32": jnp.float32, "f64": jnp.float64}
 
@@ -46,7 +53,7 @@ def replay(weighting, losses: np.ndarray, precision: str, record):
     Returns NumPy float64 arrays of shape ``(batch, steps, ...)``. The x64 flag
     is scoped to tracing and running; only NumPy arrays leave.
     """
-    with jax.enable_x64(precision == "f64"):
+    with enable_x64(precision == "f64"):
         dtype = PRECISIONS[precision]
 
         def run(sequence):

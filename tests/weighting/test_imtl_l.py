@@ -81,7 +81,7 @@ def projection_spread(alpha, task_grads):
 def test_imtl_l_with_imtl_g_is_libmtl_imtl(k):
     cases, arrays = fixtures.load("imtl")
     names = [name for name, params in cases.items() if params["k"] == k]
-    with jax.enable_x64(True):
+    with fixtures.enable_x64(True):
         weights_of = jax.jit(jax.vmap(lambda g: imtl_g_weights(g @ g.T)))
         for name in names:
             losses = arrays[f"{name}/losses"][:-1].astype(np.float64)

@@ -34,7 +34,7 @@ NEAR_RAY_F32 = 3e-4
 @pytest.mark.parametrize("precision", ["f32", "f64"])
 def test_pbi_matches_libmoon(precision):
     cases, arrays = fixtures.load("pbi")
-    with jax.enable_x64(precision == "f64"):
+    with fixtures.enable_x64(precision == "f64"):
         dtype = fixtures.PRECISIONS[precision]
         value_and_grad = jax.jit(
             jax.vmap(jax.value_and_grad(pbi_scalarization), in_axes=(0, 0, None))
