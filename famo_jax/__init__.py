@@ -30,19 +30,27 @@ from famo_jax.aggregation import shared_trunk as shared_trunk
 from famo_jax.aggregation import task_gradients as task_gradients
 from famo_jax.weighting import DWAState as DWAState
 from famo_jax.weighting import FAMOState as FAMOState
+from famo_jax.weighting import GO4AlignState as GO4AlignState
+from famo_jax.weighting import IMTLLState as IMTLLState
 from famo_jax.weighting import LossWeighting as LossWeighting
 from famo_jax.weighting import RLWState as RLWState
+from famo_jax.weighting import STCHState as STCHState
 from famo_jax.weighting import UncertaintyWeightingState as UncertaintyWeightingState
 from famo_jax.weighting import WeightingTransformState as WeightingTransformState
 from famo_jax.weighting import as_optax as as_optax
 from famo_jax.weighting import check_famo_losses as check_famo_losses
 from famo_jax.weighting import dwa as dwa
 from famo_jax.weighting import famo as famo
+from famo_jax.weighting import gls as gls
+from famo_jax.weighting import go4align as go4align
+from famo_jax.weighting import imtl_l as imtl_l
 from famo_jax.weighting import linear_scalarization as linear_scalarization
 from famo_jax.weighting import linearize_weigh as linearize_weigh
 from famo_jax.weighting import loss_weights as loss_weights
+from famo_jax.weighting import pbi as pbi
 from famo_jax.weighting import random_loss_weighting as random_loss_weighting
 from famo_jax.weighting import scale_invariant as scale_invariant
+from famo_jax.weighting import stch as stch
 from famo_jax.weighting import uncertainty_weighting as uncertainty_weighting
 from famo_jax.weighting import weighting_state as weighting_state
 
@@ -59,12 +67,15 @@ __all__ = [
     "DwaState",
     "FAMOState",
     "FamoState",
+    "GO4AlignState",
     "GradDropState",
+    "IMTLLState",
     "LossWeighting",
     "NashMTLState",
     "PCGradState",
     "RLWState",
     "RlwState",
+    "STCHState",
     "UncertaintyState",
     "UncertaintyWeightingState",
     "WeightingTransformState",
@@ -74,19 +85,24 @@ __all__ = [
     "check_famo_losses",
     "dwa",
     "famo",
+    "gls",
+    "go4align",
     "graddrop",
     "imtl_g",
+    "imtl_l",
     "linear_scalarization",
     "linearize_weigh",
     "loss_weights",
     "metrics",
     "mgda",
     "nash_mtl",
+    "pbi",
     "pcgrad",
     "problems",
     "random_loss_weighting",
     "scale_invariant",
     "shared_trunk",
+    "stch",
     "task_gradients",
     "uncertainty_weighting",
     "weighting",

@@ -53,6 +53,11 @@ class Case:
       build_for_laws: a variant used by the property tests where the default
         configuration would hide an exact law behind optimizer noise (FAMO with
         SGD on its logits, say); default ``build``.
+      non_negative_weights: weightings only: the effective task weights are
+        never negative. False for methods that may push a task's loss *up* by
+        design (PBI's penalty pulls the losses onto a preference ray); their
+        training check then asks that the method's own objective decreases,
+        instead of every task's loss.
     """
 
     name: str
@@ -66,6 +71,7 @@ class Case:
     build_with_axis_name: Callable[[int, Any], Any] | None = None
     log_losses: bool = False
     build_for_laws: Callable[[int], Any] | None = None
+    non_negative_weights: bool = True
 
     def __str__(self) -> str:
         return self.name
@@ -106,6 +112,36 @@ WEIGHTINGS: tuple[Case, ...] = (
     Case("uncertainty_weighting", WEIGHTING, famo_jax.uncertainty_weighting),
     # --- robust FAMO (issue 12) ---
     # --- loss weightings of the peers (issue 14) ---
+    Case("gls", WEIGHTING, famo_jax.gls, log_losses=True),
+    # Short phases, so that the smooth Tchebycheff phase (after 3 valid updates) is
+    # exercised by the suite's 4-step checks.
+    Case(
+        "stch",
+        WEIGHTING,
+        lambda k: famo_jax.stch(k, warmup_steps=1, nadir_steps=2),
+        log_losses=True,
+    ),
+    Case("imtl_l", WEIGHTING, famo_jax.imtl_l),
+    # A learning rate at which the scales move visibly within the suite's steps.
+    Case("imtl_l_lr0.1", WEIGHTING, lambda k: famo_jax.imtl_l(k, learning_rate=0.1)),
+    # PBI pulls the losses onto its preference ray: a task below it gets a negative
+    # weight, and its loss may rise by design.
+    Case("pbi", WEIGHTING, famo_jax.pbi, non_negative_weights=False),
+    Case(
+        "pbi_preference",
+        WEIGHTING,
+        lambda k: famo_jax.pbi(k, preference=range(1, k + 1), theta=5.0, ideal=0.01),
+        non_negative_weights=False,
+        # The preference is given per task, so permuting the tasks changes the problem.
+        task_order_invariant=False,
+    ),
+    Case(
+        "go4align",
+        WEIGHTING,
+        lambda k: famo_jax.go4align(k, num_groups=min(2, k)),
+        log_losses=True,
+    ),
+    Case("go4align_one_group", WEIGHTING, lambda k: famo_jax.go4align(k, 1), log_losses=True),
 )
 
 

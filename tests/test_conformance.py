@@ -223,7 +223,12 @@ def test_weighting_trains_a_multi_head_model_inside_optax_chain(case):
     trained, _, state = train(params)
     initial, final = model_losses(params, x, y), model_losses(trained, x, y)
     assert all_finite((trained, state))
-    assert np.all(np.asarray(final) < np.asarray(initial)), (initial, final)
+    if case.non_negative_weights:
+        assert np.all(np.asarray(final) < np.asarray(initial)), (initial, final)
+    else:  # a task's loss may rise by design: the method's own objective falls
+        before = weighting.weigh(initial, weighting.init())
+        after = weighting.weigh(final, state)
+        assert after < before, (initial, final, before, after)
 
 
 @weightings
@@ -333,7 +338,8 @@ def weights_along(name):
 def test_effective_loss_weights_are_finite_and_non_negative(case, sequence):
     _, weights = weights_along(case.name)(jnp.asarray(sequence))
     assert np.all(np.isfinite(weights)), weights
-    assert np.all(np.asarray(weights) >= 0), weights
+    if case.non_negative_weights:
+        assert np.all(np.asarray(weights) >= 0), weights
 
 
 @pytest.mark.parametrize(
