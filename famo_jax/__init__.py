@@ -9,8 +9,10 @@ Two families of methods, one subpackage each:
 - :mod:`famo_jax.aggregation`: gradient aggregators (O(k)), optax
   transformations over per-task gradients stacked on a leading axis.
 
-Every public name of both is re-exported here; :mod:`famo_jax.metrics` and
-:mod:`famo_jax.problems` hold the evaluation metrics and the paper's toy problem.
+Their methods, states and helpers are re-exported here (the building blocks of
+new methods, such as :func:`famo_jax.aggregation.gram_weighted`, stay in their
+subpackage); :mod:`famo_jax.metrics` and :mod:`famo_jax.problems` hold the
+evaluation metrics and the paper's toy problem.
 """
 
 from famo_jax import aggregation as aggregation

@@ -68,7 +68,7 @@ class FAMOState(NamedTuple):
 
     @property
     def task_weights(self) -> jax.Array:
-        """``softmax(logits)``: FAMO's task weights :math:`z` on the simplex.
+        """FAMO's task weights :math:`z`, ``softmax(logits)``, on the simplex.
 
         These are the weights of the log losses. The weights of the losses
         themselves, which the model's gradient uses, also depend on the losses:
@@ -377,7 +377,7 @@ def check_famo_losses(
       name: the argument name used in the message.
 
     Raises:
-      jax.errors.JaxRuntimeError (eagerly): naming the first invalid task.
+      jax.errors.JaxRuntimeError: when called eagerly, naming the first invalid task.
 
     Example:
       >>> import jax, jax.numpy as jnp
