@@ -135,7 +135,7 @@ def test_short_bfloat16_training_tracks_float32(setup):
 
 
 def test_bfloat16_losses_hide_famos_signal_and_float32_losses_restore_it():
-    """The advice of docs/getting_started.md: compute the task losses in float32, even for a bfloat16 model.
+    """The advice of docs/getting_started.md: compute the task losses in float32.
 
     bfloat16 keeps 8 significand bits: a loss falling from 999 to 998 is 1000
     both times. Here task 0 improves and task 1 stalls, so FAMO should move
