@@ -38,7 +38,6 @@ html_title = f"famo_jax {release}"
 # Links such as [Invalid losses](getting_started.md#invalid-losses) work here
 # and on GitHub, which slugs headings the same way.
 myst_heading_anchors = 3
-myst_enable_extensions = ["dollarmath"]
 
 autosummary_generate = False
 autodoc_member_order = "bysource"
