@@ -155,18 +155,29 @@ def resolve_reexported(app, env, node, contnode):
 
     A re-export is documented once (``famo_jax.cagrad``), but docstrings inside
     a subpackage refer to it by the names that they see there (``cagrad`` or
-    ``famo_jax.aggregation.cagrad``). A reference that names no object at all
-    stays unresolved (a warning).
+    ``famo_jax.aggregation.cagrad``), and a docstring documented as
+    ``famo_jax.pbi`` may name ``pbi_scalarization`` of its own subpackage. The
+    reference is tried in its context (module, class), as written, and then in
+    each module of the API reference, where it must name one object only. A
+    reference that names no documented object stays unresolved (a warning).
     """
     if node.get("refdomain") != "py":
         return None
-    target = node["reftarget"]
+    target = node["reftarget"].lstrip(".~")
     context = [node.get("py:module"), node.get("py:class")]
     candidates = [target]
     for depth in range(len(context), 0, -1):
         prefix = ".".join(part for part in context[:depth] if part)
         if prefix:
             candidates.insert(0, f"{prefix}.{target}")
+    in_api_modules = set()
+    for module_name in API_MODULES:
+        try:
+            in_api_modules.add(id(import_object(f"{module_name}.{target}")))
+        except LookupError:
+            pass
+    if len(in_api_modules) == 1:
+        candidates.extend(f"{module_name}.{target}" for module_name in API_MODULES)
     for candidate in candidates:
         try:
             value = import_object(candidate)
