@@ -18,10 +18,12 @@ from famo_jax import metrics as metrics
 from famo_jax import problems as problems
 from famo_jax import weighting as weighting
 from famo_jax.aggregation import GradDropState as GradDropState
+from famo_jax.aggregation import GradVacState as GradVacState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
 from famo_jax.aggregation import cagrad as cagrad
 from famo_jax.aggregation import graddrop as graddrop
+from famo_jax.aggregation import gradvac as gradvac
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
 from famo_jax.aggregation import nash_mtl as nash_mtl
@@ -57,6 +59,7 @@ __all__ = [
     "FAMOState",
     "FamoState",
     "GradDropState",
+    "GradVacState",
     "LossWeighting",
     "NashMTLState",
     "PCGradState",
@@ -70,6 +73,7 @@ __all__ = [
     "dwa",
     "famo",
     "graddrop",
+    "gradvac",
     "imtl_g",
     "linear_scalarization",
     "linearize_weigh",

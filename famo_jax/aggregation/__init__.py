@@ -20,6 +20,10 @@ from famo_jax.aggregation._cagrad import cagrad as cagrad
 from famo_jax.aggregation._cagrad import cagrad_weights as cagrad_weights
 from famo_jax.aggregation._graddrop import GradDropState as GradDropState
 from famo_jax.aggregation._graddrop import graddrop as graddrop
+from famo_jax.aggregation._gradvac import GradVacState as GradVacState
+from famo_jax.aggregation._gradvac import gradvac as gradvac
+from famo_jax.aggregation._gradvac import gradvac_orders as gradvac_orders
+from famo_jax.aggregation._gradvac import gradvac_weights as gradvac_weights
 from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
 from famo_jax.aggregation._mgda import mgda as mgda
