@@ -21,6 +21,7 @@ from famo_jax.aggregation import GradDropState as GradDropState
 from famo_jax.aggregation import GradVacState as GradVacState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
+from famo_jax.aggregation import SDMGradState as SDMGradState
 from famo_jax.aggregation import cagrad as cagrad
 from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import gradvac as gradvac
@@ -28,6 +29,7 @@ from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
 from famo_jax.aggregation import nash_mtl as nash_mtl
 from famo_jax.aggregation import pcgrad as pcgrad
+from famo_jax.aggregation import sdmgrad as sdmgrad
 from famo_jax.aggregation import shared_trunk as shared_trunk
 from famo_jax.aggregation import task_gradients as task_gradients
 from famo_jax.weighting import DWAState as DWAState
@@ -65,6 +67,7 @@ __all__ = [
     "PCGradState",
     "RLWState",
     "RlwState",
+    "SDMGradState",
     "UncertaintyState",
     "UncertaintyWeightingState",
     "aggregation",
@@ -85,6 +88,7 @@ __all__ = [
     "problems",
     "random_loss_weighting",
     "scale_invariant",
+    "sdmgrad",
     "shared_trunk",
     "task_gradients",
     "uncertainty_weighting",

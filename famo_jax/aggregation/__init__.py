@@ -34,5 +34,8 @@ from famo_jax.aggregation._nash_mtl import nash_mtl_weights as nash_mtl_weights
 from famo_jax.aggregation._pcgrad import PCGradState as PCGradState
 from famo_jax.aggregation._pcgrad import pcgrad as pcgrad
 from famo_jax.aggregation._pcgrad import pcgrad_weights as pcgrad_weights
+from famo_jax.aggregation._sdmgrad import SDMGradState as SDMGradState
+from famo_jax.aggregation._sdmgrad import sdmgrad as sdmgrad
+from famo_jax.aggregation._sdmgrad import sdmgrad_weights as sdmgrad_weights
 from famo_jax.aggregation._shared_trunk import shared_trunk as shared_trunk
 from famo_jax.aggregation._task_gradients import task_gradients as task_gradients
