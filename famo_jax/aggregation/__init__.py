@@ -28,6 +28,9 @@ from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
 from famo_jax.aggregation._mgda import mgda as mgda
 from famo_jax.aggregation._mgda import mgda_weights as mgda_weights
+from famo_jax.aggregation._modo import MoDoState as MoDoState
+from famo_jax.aggregation._modo import modo as modo
+from famo_jax.aggregation._modo import modo_weights as modo_weights
 from famo_jax.aggregation._nash_mtl import NashMTLState as NashMTLState
 from famo_jax.aggregation._nash_mtl import nash_mtl as nash_mtl
 from famo_jax.aggregation._nash_mtl import nash_mtl_weights as nash_mtl_weights
