@@ -19,6 +19,7 @@ from famo_jax import problems as problems
 from famo_jax import weighting as weighting
 from famo_jax.aggregation import GradDropState as GradDropState
 from famo_jax.aggregation import GradVacState as GradVacState
+from famo_jax.aggregation import MoCoState as MoCoState
 from famo_jax.aggregation import MoDoState as MoDoState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
@@ -28,6 +29,7 @@ from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import gradvac as gradvac
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
+from famo_jax.aggregation import moco as moco
 from famo_jax.aggregation import modo as modo
 from famo_jax.aggregation import nash_mtl as nash_mtl
 from famo_jax.aggregation import pcgrad as pcgrad
@@ -65,6 +67,7 @@ __all__ = [
     "GradDropState",
     "GradVacState",
     "LossWeighting",
+    "MoCoState",
     "MoDoState",
     "NashMTLState",
     "PCGradState",
@@ -86,6 +89,7 @@ __all__ = [
     "loss_weights",
     "metrics",
     "mgda",
+    "moco",
     "modo",
     "nash_mtl",
     "pcgrad",

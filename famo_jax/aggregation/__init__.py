@@ -28,6 +28,8 @@ from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
 from famo_jax.aggregation._mgda import mgda as mgda
 from famo_jax.aggregation._mgda import mgda_weights as mgda_weights
+from famo_jax.aggregation._moco import MoCoState as MoCoState
+from famo_jax.aggregation._moco import moco as moco
 from famo_jax.aggregation._modo import MoDoState as MoDoState
 from famo_jax.aggregation._modo import modo as modo
 from famo_jax.aggregation._modo import modo_weights as modo_weights
