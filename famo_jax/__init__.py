@@ -17,6 +17,7 @@ from famo_jax import aggregation as aggregation
 from famo_jax import metrics as metrics
 from famo_jax import problems as problems
 from famo_jax import weighting as weighting
+from famo_jax.aggregation import DBMTLState as DBMTLState
 from famo_jax.aggregation import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation import GradDropState as GradDropState
 from famo_jax.aggregation import GradVacState as GradVacState
@@ -26,6 +27,7 @@ from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
 from famo_jax.aggregation import SDMGradState as SDMGradState
 from famo_jax.aggregation import cagrad as cagrad
+from famo_jax.aggregation import db_mtl as db_mtl
 from famo_jax.aggregation import excess_mtl as excess_mtl
 from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import gradvac as gradvac
@@ -62,6 +64,7 @@ UncertaintyState = UncertaintyWeightingState
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "DBMTLState",
     "DWAState",
     "DwaState",
     "ExcessMTLState",
@@ -82,6 +85,7 @@ __all__ = [
     "aggregation",
     "cagrad",
     "check_famo_losses",
+    "db_mtl",
     "dwa",
     "excess_mtl",
     "famo",

@@ -18,6 +18,8 @@ from famo_jax.aggregation._base import num_tasks_of as num_tasks_of
 from famo_jax.aggregation._base import stateless as stateless
 from famo_jax.aggregation._cagrad import cagrad as cagrad
 from famo_jax.aggregation._cagrad import cagrad_weights as cagrad_weights
+from famo_jax.aggregation._db_mtl import DBMTLState as DBMTLState
+from famo_jax.aggregation._db_mtl import db_mtl as db_mtl
 from famo_jax.aggregation._excess_mtl import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation._excess_mtl import excess_mtl as excess_mtl
 from famo_jax.aggregation._graddrop import GradDropState as GradDropState
