@@ -20,6 +20,7 @@ from famo_jax import weighting as weighting
 from famo_jax.aggregation import DBMTLState as DBMTLState
 from famo_jax.aggregation import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation import GradDropState as GradDropState
+from famo_jax.aggregation import GradNormState as GradNormState
 from famo_jax.aggregation import GradVacState as GradVacState
 from famo_jax.aggregation import MoCoState as MoCoState
 from famo_jax.aggregation import MoDoState as MoDoState
@@ -30,6 +31,7 @@ from famo_jax.aggregation import cagrad as cagrad
 from famo_jax.aggregation import db_mtl as db_mtl
 from famo_jax.aggregation import excess_mtl as excess_mtl
 from famo_jax.aggregation import graddrop as graddrop
+from famo_jax.aggregation import gradnorm as gradnorm
 from famo_jax.aggregation import gradvac as gradvac
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
@@ -71,6 +73,7 @@ __all__ = [
     "FAMOState",
     "FamoState",
     "GradDropState",
+    "GradNormState",
     "GradVacState",
     "LossWeighting",
     "MoCoState",
@@ -90,6 +93,7 @@ __all__ = [
     "excess_mtl",
     "famo",
     "graddrop",
+    "gradnorm",
     "gradvac",
     "imtl_g",
     "linear_scalarization",

@@ -24,6 +24,9 @@ from famo_jax.aggregation._excess_mtl import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation._excess_mtl import excess_mtl as excess_mtl
 from famo_jax.aggregation._graddrop import GradDropState as GradDropState
 from famo_jax.aggregation._graddrop import graddrop as graddrop
+from famo_jax.aggregation._gradnorm import GradNormState as GradNormState
+from famo_jax.aggregation._gradnorm import gradnorm as gradnorm
+from famo_jax.aggregation._gradnorm import gradnorm_logits_gradient as gradnorm_logits_gradient
 from famo_jax.aggregation._gradvac import GradVacState as GradVacState
 from famo_jax.aggregation._gradvac import gradvac as gradvac
 from famo_jax.aggregation._gradvac import gradvac_orders as gradvac_orders
