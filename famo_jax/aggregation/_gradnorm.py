@@ -18,8 +18,9 @@ class GradNormState(NamedTuple):
     Attributes:
       logits: ``(num_tasks,)`` float32: the task weights' parameters
         :math:`\theta` (LibMTL's ``loss_scale``); the weights are
-        :math:`w = k \operatorname{softmax}(\theta)`. They start at zero
-        (LibMTL: ones, the same weights).
+        :math:`w = k \operatorname{softmax}(\theta)`. They start at ones, as
+        in LibMTL (the weights are then equal; the default optimizer's coupled
+        decay, :math:`10^{-5}\theta`, then acts as in LibMTL).
       opt_state: the state of the logits' optimizer.
       initial_losses: ``(num_tasks,)`` float32: the reference losses
         :math:`\ell_i(0)` (LibMTL's ``train_loss_buffer[:, 0]``): the mean of
@@ -222,7 +223,7 @@ def gradnorm(
 
     def init_fn(params):
         del params
-        logits = jnp.zeros((num_tasks,), jnp.float32)
+        logits = jnp.ones((num_tasks,), jnp.float32)
         zero = jnp.zeros((), jnp.int32)
         return GradNormState(
             logits=logits,
