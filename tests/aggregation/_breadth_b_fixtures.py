@@ -33,14 +33,14 @@ NUM_PARAMS = sum(int(np.prod(shape)) for _, _, shape in LAYOUT)
 def load(peer: str, method: str):
     """``(configs, cases)``: config name -> hyperparameters, and
     ``(config, case) -> {array name -> array}`` for every stored case."""
-    data = np.load(FIXTURES / f"{peer}_{method}.npz")
-    meta = json.loads(str(data["meta"]))
     cases: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for name in data.files:
-        if name == "meta":
-            continue
-        config, case, array = name.split("__")
-        cases.setdefault((config, case), {})[array] = data[name]
+    with np.load(FIXTURES / f"{peer}_{method}.npz") as data:
+        meta = json.loads(str(data["meta"]))
+        for name in data.files:
+            if name == "meta":
+                continue
+            config, case, array = name.split("__")
+            cases.setdefault((config, case), {})[array] = data[name]
     return meta["configs"], cases
 
 
@@ -139,3 +139,21 @@ def max_relative_error(actual, expected, scales) -> float:
         for a, e, scale in zip(actual, expected, scales, strict=True)
     ]
     return float(max(errors))
+
+
+def three_batch_steps(arrays, method: str, dtype, *, batches: bool = True) -> list[dict]:
+    """The update arguments of MoDo and SDMGrad for every step of a fixture case.
+
+    The peers' three batches per step are ``grads[t, 0..2]``. SDMGrad combines
+    batch 0 and solves its weights from ``G_1 G_2^T``; MoDo combines batch 2 and
+    updates its weights with ``G_0 G_1^T``. In the ``same_batch`` cases the three
+    are equal and the single-batch fallback (no ``weight_batches``) is used.
+    """
+    direction, pair = (0, (1, 2)) if method == "sdmgrad" else (2, (0, 1))
+    steps = []
+    for grads in arrays["grads"]:
+        step = {"grads": grads[direction]}
+        if batches:
+            step["weight_batches"] = tuple(to_tree(grads[b], dtype) for b in pair)
+        steps.append(step)
+    return steps
