@@ -77,8 +77,9 @@ def moco(
     Scale convention: the output :math:`\sum_i \lambda_i y_i` (weights on the
     simplex) is used as it is, as in LibMTL. It is *not* on the gradients'
     scale: the tracked gradients are loss-scaled unit vectors, so equal task
-    gradients give a positive multiple of that gradient (for ``k = 1``,
-    :math:`\ell (1 - \prod_s (1 - \beta_s))` times its direction), not the gradient.
+    gradients give a positive multiple of that gradient, not the gradient
+    (for ``k = 1`` and a constant gradient :math:`g` and loss :math:`\ell`,
+    :math:`\ell\,(1 - \prod_s (1 - \beta_s))\, g / \|g\|`).
 
     Non-finite task gradients or losses: the output is NaN
     (``optax.apply_if_finite`` then skips the step) and the state is kept

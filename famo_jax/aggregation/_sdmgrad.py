@@ -137,6 +137,15 @@ def sdmgrad(
       ``J J^T`` of one batch; the authors' NYU-v2 and Cityscapes trainers and
       LibMTL's draw the three batches.
 
+    A training step with the three batches, for example::
+
+        _, grads_zeta = famo_jax.task_gradients(task_losses)(params, batch_zeta)
+        _, grads_xi = famo_jax.task_gradients(task_losses)(params, batch_xi)
+        _, grads_xi2 = famo_jax.task_gradients(task_losses)(params, batch_xi_prime)
+        updates, opt_state = tx.update(
+            grads_zeta, opt_state, params, weight_batches=(grads_xi, grads_xi2)
+        )
+
     This follows LibMTL's ``SDMGrad`` (adapted from the authors'): the same
     normalisation :math:`A / (s^2 + 10^{-8})`, :math:`s = \operatorname{mean}
     \sqrt{\max(A_{ii}, 0)}`, the update :math:`v \leftarrow \mu v + A w +

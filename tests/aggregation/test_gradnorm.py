@@ -119,3 +119,19 @@ def test_gradnorm_gram_path_and_invalid_losses():
         selected.update(implicit, selected.init(None), losses=losses)
     with pytest.raises(TypeError, match="last_shared_layer"):
         famo_jax.gradnorm(3, last_shared_layer={"w": 1})
+
+
+def test_gradnorm_inside_shared_trunk_takes_a_selector_of_the_full_parameters():
+    params = {"trunk": {"first": jnp.zeros(3), "last": jnp.zeros(2)}, "heads": jnp.zeros((2, 2))}
+    rng = np.random.default_rng(3)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal((2,) + p.shape)), params)
+    losses = jnp.array([1.0, 2.0])
+    sgd = optax.sgd(0.1)
+    selector = {"trunk": {"first": False, "last": True}, "heads": False}
+    inner = famo_jax.gradnorm(2, optimizer=sgd, last_shared_layer=selector)
+    tx = famo_jax.shared_trunk(inner, {"trunk": True, "heads": False})
+    updates, state = tx.update(grads, tx.init(params), params, losses=losses)
+    alone = famo_jax.gradnorm(2, optimizer=sgd, last_shared_layer={"first": False, "last": True})
+    trunk, alone_state = alone.update(grads["trunk"], alone.init(None), losses=losses)
+    chex.assert_trees_all_close(updates["trunk"], trunk)
+    chex.assert_trees_all_close(state.inner_states["shared"].inner_state.logits, alone_state.logits)
