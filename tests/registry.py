@@ -148,6 +148,14 @@ AGGREGATORS: tuple[Case, ...] = (
         task_order_invariant=False,
         gram_based=False,
     ),
+    # The corrections on the stacked gradients themselves (LibMTL's algorithm).
+    Case(
+        "gradvac_vectors",
+        AGGREGATOR,
+        lambda k: famo_jax.gradvac(k, algorithm="vectors"),
+        task_order_invariant=False,
+        gram_based=False,
+    ),
     # The single-batch fallback (no weight_batches). LibMTL's inner step (5) is
     # beyond the heavy-ball's stability limit for unit-normalised Gram matrices,
     # so the inner iterates bounce between faces of the simplex and amplify the
