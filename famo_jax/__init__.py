@@ -19,15 +19,29 @@ from famo_jax import aggregation as aggregation
 from famo_jax import metrics as metrics
 from famo_jax import problems as problems
 from famo_jax import weighting as weighting
+from famo_jax.aggregation import DBMTLState as DBMTLState
+from famo_jax.aggregation import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation import GradDropState as GradDropState
+from famo_jax.aggregation import GradNormState as GradNormState
+from famo_jax.aggregation import GradVacState as GradVacState
+from famo_jax.aggregation import MoCoState as MoCoState
+from famo_jax.aggregation import MoDoState as MoDoState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
+from famo_jax.aggregation import SDMGradState as SDMGradState
 from famo_jax.aggregation import cagrad as cagrad
+from famo_jax.aggregation import db_mtl as db_mtl
+from famo_jax.aggregation import excess_mtl as excess_mtl
 from famo_jax.aggregation import graddrop as graddrop
+from famo_jax.aggregation import gradnorm as gradnorm
+from famo_jax.aggregation import gradvac as gradvac
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
+from famo_jax.aggregation import moco as moco
+from famo_jax.aggregation import modo as modo
 from famo_jax.aggregation import nash_mtl as nash_mtl
 from famo_jax.aggregation import pcgrad as pcgrad
+from famo_jax.aggregation import sdmgrad as sdmgrad
 from famo_jax.aggregation import shared_trunk as shared_trunk
 from famo_jax.aggregation import task_gradients as task_gradients
 from famo_jax.weighting import DWAState as DWAState
@@ -65,18 +79,25 @@ UncertaintyState = UncertaintyWeightingState
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "DBMTLState",
     "DWAState",
     "DwaState",
+    "ExcessMTLState",
     "FAMOState",
     "FamoState",
     "GO4AlignState",
     "GradDropState",
+    "GradNormState",
+    "GradVacState",
     "IMTLLState",
     "LossWeighting",
+    "MoCoState",
+    "MoDoState",
     "NashMTLState",
     "PCGradState",
     "RLWState",
     "RlwState",
+    "SDMGradState",
     "STCHState",
     "UncertaintyState",
     "UncertaintyWeightingState",
@@ -85,11 +106,15 @@ __all__ = [
     "as_optax",
     "cagrad",
     "check_famo_losses",
+    "db_mtl",
     "dwa",
+    "excess_mtl",
     "famo",
     "gls",
     "go4align",
     "graddrop",
+    "gradnorm",
+    "gradvac",
     "imtl_g",
     "imtl_l",
     "linear_scalarization",
@@ -97,12 +122,15 @@ __all__ = [
     "loss_weights",
     "metrics",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pbi",
     "pcgrad",
     "problems",
     "random_loss_weighting",
     "scale_invariant",
+    "sdmgrad",
     "shared_trunk",
     "stch",
     "task_gradients",
