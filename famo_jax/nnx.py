@@ -1,9 +1,10 @@
 """Flax NNX: a loss weighting as an NNX object whose state updates in place.
 
-Needs Flax (``pip install "famo_jax[examples]"`` or ``pip install flax``); the
-rest of famo_jax does not. In the style of ``nnx.Optimizer``: the object holds
-the weighting's state as NNX state, so it goes through ``nnx.jit``,
-``nnx.split`` / ``nnx.merge`` and checkpoints with the model and its optimizer.
+Needs Flax (``pip install flax``, or the ``examples`` extra: ``pip install -e
+".[examples]"`` in a checkout); the rest of famo_jax does not. In the style of
+``nnx.Optimizer``: the object holds the weighting's state as NNX state, so it
+goes through ``nnx.jit``, ``nnx.split`` / ``nnx.merge`` and checkpoints with the
+model and its optimizer.
 """
 
 from __future__ import annotations

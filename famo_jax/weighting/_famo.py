@@ -68,7 +68,7 @@ class FAMOState(NamedTuple):
 
     @property
     def task_weights(self) -> jax.Array:
-        """``softmax(logits)``: FAMO's task weights :math:`z` on the simplex.
+        """FAMO's task weights :math:`z`, ``softmax(logits)``, on the simplex.
 
         These are the weights of the log losses. The weights of the losses
         themselves, which the model's gradient uses, also depend on the losses:
@@ -337,18 +337,18 @@ def famo(
         heaviest_delta = jnp.max(jnp.where(z == jnp.max(z), delta, -jnp.inf))
         shifted = delta - heaviest_delta
         logits_grad = (z * (shifted - jnp.dot(z, shifted))).astype(state.logits.dtype)
-        updates, opt_state = optimizer.update(logits_grad, state.opt_state, state.logits)
-        logits = optax.apply_updates(state.logits, updates)
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
         # bound; such a step is skipped so that the state is never corrupted.
-        valid = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(logits))
-        logits, opt_state = _numerics.keep_if_valid(
-            valid, (logits, opt_state), (state.logits, state.opt_state)
+        step = _numerics.guarded_optimizer_step(
+            optimizer,
+            logits_grad,
+            state.logits,
+            state.opt_state,
+            jnp.all(jnp.isfinite(delta)),
+            state.num_updates,
+            state.num_skipped,
         )
-        num_updates, num_skipped = _numerics.counters_after(
-            valid, state.num_updates, state.num_skipped
-        )
-        return FAMOState(logits, opt_state, num_updates, num_skipped, state.min_losses)
+        return FAMOState(*step, min_losses=state.min_losses)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)
 
@@ -377,7 +377,7 @@ def check_famo_losses(
       name: the argument name used in the message.
 
     Raises:
-      jax.errors.JaxRuntimeError (eagerly): naming the first invalid task.
+      jax.errors.JaxRuntimeError: when called eagerly, naming the first invalid task.
 
     Example:
       >>> import jax, jax.numpy as jnp
