@@ -50,6 +50,7 @@ from famo_jax.weighting import GO4AlignState as GO4AlignState
 from famo_jax.weighting import IMTLLState as IMTLLState
 from famo_jax.weighting import LossWeighting as LossWeighting
 from famo_jax.weighting import RLWState as RLWState
+from famo_jax.weighting import RobustFAMOState as RobustFAMOState
 from famo_jax.weighting import STCHState as STCHState
 from famo_jax.weighting import UncertaintyWeightingState as UncertaintyWeightingState
 from famo_jax.weighting import WeightingTransformState as WeightingTransformState
@@ -98,6 +99,7 @@ __all__ = [
     "PCGradState",
     "RLWState",
     "RlwState",
+    "RobustFAMOState",
     "SDMGradState",
     "STCHState",
     "UncertaintyState",

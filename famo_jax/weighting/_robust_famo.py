@@ -91,7 +91,7 @@ def robust_famo(
     model along FAMO's direction, a convex combination of the gradients of the
     log losses, and raises the weight of the tasks whose log losses decrease
     least. It changes three things, each the remedy of a failure of the
-    reference measured in ``docs/famo_dynamics.md``:
+    reference measured in ``docs/which_famo.md``:
 
     1. **No renormaliser.** The model is trained on
 
@@ -141,7 +141,7 @@ def robust_famo(
     :math:`z \odot (\delta - \langle z, \delta\rangle)`. The defaults
     (:math:`\beta = 0.025`, the authors' logits learning rate, :math:`\rho =
     0.9`, :math:`\lambda = 0`) are the same on every benchmark of
-    ``docs/benchmarks/robust_famo.md``: the paper's toy, multi-scale
+    ``docs/which_famo.md``: the paper's toy, multi-scale
     regressions (full batch and mini-batch), the quick start and MultiDigits.
 
     The effective weights :math:`w_i = \partial L / \partial \ell_i = z_i /
@@ -163,7 +163,7 @@ def robust_famo(
       min_losses: lower bounds :math:`m` of the task losses, a scalar or shape
         ``(num_tasks,)``; default 0. Needed where losses can be negative (the
         toy problem, log-likelihoods). Kept in the state
-        (:meth:`RobustFAMOState.with_min_losses`).
+        (:meth:`famo_jax.RobustFAMOState.with_min_losses`).
       eps: the constant :math:`\epsilon` added to ``losses - min_losses``.
       axis_name: name of a mapped axis (``pmap``, ``shard_map``), as in
         :func:`famo`: ``weigh`` and ``update`` use the losses averaged over the
