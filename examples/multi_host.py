@@ -216,7 +216,12 @@ def make_global_mesh(devices: Sequence[jax.Device] | None = None) -> jax.shardin
 
 
 def make_dataset(
-    num_steps: int, batch_size: int, input_dim: int = 8, num_tasks: int = 3, seed: int = 0
+    num_steps: int,
+    batch_size: int,
+    input_dim: int = 8,
+    num_tasks: int = 3,
+    seed: int = 0,
+    dtype: str = "float32",
 ) -> data_parallel.Batch:
     """``num_steps`` global batches as NumPy arrays ``(num_steps, batch_size, ...)``.
 
@@ -226,10 +231,10 @@ def make_dataset(
     job would have each process read only the rows :func:`process_rows` names.
     """
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal((input_dim, num_tasks)).astype(np.float32) / np.sqrt(input_dim)
-    x = rng.standard_normal((num_steps, batch_size, input_dim)).astype(np.float32)
-    scales = np.logspace(-1.0, 1.0, num_tasks).astype(np.float32)
-    return data_parallel.Batch(x=x, y=(np.sin(x @ a) * scales).astype(np.float32))
+    a = rng.standard_normal((input_dim, num_tasks)).astype(dtype) / np.sqrt(input_dim)
+    x = rng.standard_normal((num_steps, batch_size, input_dim)).astype(dtype)
+    scales = np.logspace(-1.0, 1.0, num_tasks).astype(dtype)
+    return data_parallel.Batch(x=x, y=(np.sin(x @ a) * scales).astype(dtype))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -313,7 +318,7 @@ class TrainState(NamedTuple):
     params: Any  # the model's parameter pytree (examples.data_parallel.init_params)
     opt_state: optax.OptState  # the model optimizer's state (the aggregator's included)
     weighting_state: Any  # the loss weighting's state, or optax.EmptyState() for an aggregator
-    prev_losses: jax.Array  # (num_tasks,) float32: the last step's global task losses, NaN at first
+    prev_losses: jax.Array  # (num_tasks,) float: the last step's global task losses, NaN at first
     step: jax.Array  # () int32: steps taken
 
 
@@ -334,12 +339,14 @@ def available_methods() -> tuple[str, ...]:
     return BASE_METHODS + (ROBUST_METHODS if hasattr(famo_jax, "robust_famo") else ())
 
 
-def _weighting(method: str, num_tasks: int, axis_name: str | None) -> famo_jax.LossWeighting:
+def _weighting(
+    method: str, num_tasks: int, axis_name: str | None, dtype: str
+) -> famo_jax.LossWeighting:
     if method.startswith("robust_famo"):
         return robust_famo_weighting(num_tasks, axis_name)
     # gamma 0.01 (the authors' Cityscapes setting): with the default 1e-3 the
     # logits barely move in a few steps, and the test would not cover them.
-    return famo_jax.famo(num_tasks, gamma=0.01, axis_name=axis_name)
+    return famo_jax.famo(num_tasks, gamma=0.01, axis_name=axis_name, logits_dtype=dtype)
 
 
 def _is_weighting(method: str) -> bool:
@@ -360,23 +367,29 @@ def init_train_state(
     hidden: int = 16,
     num_tasks: int = 3,
     learning_rate: float = 1e-2,
+    dtype: str = "float32",
 ) -> TrainState:
     """The initial state of ``method`` (on the default device; see :func:`replicate`)."""
-    params = data_parallel.init_params(key, input_dim, hidden, num_tasks)
-    weighting_state = (
-        _weighting(method, num_tasks, None).init() if _is_weighting(method) else optax.EmptyState()
-    )
+    params = data_parallel.init_params(key, input_dim, hidden, num_tasks, dtype)
+    if _is_weighting(method):
+        weighting_state = _weighting(method, num_tasks, None, dtype).init()
+    else:
+        weighting_state = optax.EmptyState()
     return TrainState(
         params=params,
         opt_state=_optimizer(method, learning_rate).init(params),
         weighting_state=weighting_state,
-        prev_losses=jnp.full((num_tasks,), jnp.nan, jnp.float32),
+        prev_losses=jnp.full((num_tasks,), jnp.nan, dtype),
         step=jnp.zeros((), jnp.int32),
     )
 
 
 def make_step(
-    method: str, num_tasks: int, learning_rate: float = 1e-2, axis_name: str | None = None
+    method: str,
+    num_tasks: int,
+    learning_rate: float = 1e-2,
+    axis_name: str | None = None,
+    dtype: str = "float32",
 ) -> Callable[[TrainState, data_parallel.Batch], TrainState]:
     """One training step of ``method`` on ``batch``.
 
@@ -404,7 +417,7 @@ def make_step(
 
         return aggregator_step
 
-    weighting = _weighting(method, num_tasks, axis_name)
+    weighting = _weighting(method, num_tasks, axis_name, dtype)
     lagged = method.endswith("_lagged")
 
     def weighting_step(state: TrainState, batch) -> TrainState:
@@ -435,6 +448,7 @@ def compile_step(
     style: str,
     num_tasks: int,
     learning_rate: float = 1e-2,
+    dtype: str = "float32",
 ) -> Callable[[dict[str, TrainState], data_parallel.Batch, Any], dict[str, TrainState]]:
     """``step(states, batches, t)``: step ``t`` of every method, ``states = {method: state}``.
 
@@ -448,7 +462,7 @@ def compile_step(
     axis_name = {"jit": None, "shard_map": AXIS}.get(style, "invalid")
     if axis_name == "invalid":
         raise ValueError(f"style must be one of {STYLES}, got {style!r}.")
-    steps = {m: make_step(m, num_tasks, learning_rate, axis_name=axis_name) for m in methods}
+    steps = {m: make_step(m, num_tasks, learning_rate, axis_name, dtype) for m in methods}
 
     def step_all(states, batches, t):
         batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, 0, False), batches)
@@ -511,22 +525,28 @@ class RunConfig:
     seed: int = 0
     methods: tuple[str, ...] = ()  # empty: available_methods()
     styles: tuple[str, ...] = STYLES
+    dtype: str = "float32"  # "float64" needs jax_enable_x64
 
 
 def initial_states(config: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, dict[str, TrainState]]:
     """``{style: {method: state}}``, every state replicated on ``mesh``; same seed for all."""
-    methods = config.methods or available_methods()
-    # One jitted program for all initial states (eagerly, each small op would compile on its own).
-    init_all = jax.jit(
-        lambda key: {
-            m: init_train_state(
-                m, key, config.input_dim, config.hidden, config.num_tasks, config.learning_rate
-            )
-            for m in methods
-        }
+    init_all = _compiled_init(
+        config.methods or available_methods(),
+        config.input_dim,
+        config.hidden,
+        config.num_tasks,
+        config.learning_rate,
+        config.dtype,
     )
     states = to_host(init_all(jax.random.key(config.seed)))
     return {style: replicate(states, mesh) for style in config.styles}
+
+
+@functools.cache
+def _compiled_init(methods: tuple[str, ...], *args) -> Callable[[jax.Array], dict]:
+    # One jitted program for all initial states: run eagerly, each of their
+    # small operations would compile on its own.
+    return jax.jit(lambda key: {m: init_train_state(m, key, *args) for m in methods})
 
 
 def train(
@@ -544,7 +564,12 @@ def train(
     """
     dataset = shard_dataset(
         make_dataset(
-            config.steps, config.batch_size, config.input_dim, config.num_tasks, config.seed
+            config.steps,
+            config.batch_size,
+            config.input_dim,
+            config.num_tasks,
+            config.seed,
+            config.dtype,
         ),
         mesh,
     )
@@ -557,6 +582,7 @@ def train(
             step_style or style,
             config.num_tasks,
             config.learning_rate,
+            config.dtype,
         )
         for style, by_method in states.items()
     }
@@ -631,11 +657,13 @@ class ProcessResult:
     """How one process of a local job ended."""
 
     process_id: int
+    pid: int  # the operating system's process id
     returncode: int | None  # negative: killed by that signal (-6: aborted by JAX's health check)
     stdout: str
     stderr: str
     killed: bool  # True if the launcher had to kill it (timeout, or it outlived a failure)
     elapsed: float  # seconds from the launch to its exit
+    cpu_seconds: float  # user + system CPU time it used
 
     @property
     def error(self) -> str:
@@ -652,19 +680,25 @@ class JobResult:
     timed_out: bool
 
     @property
+    def cpu_seconds(self) -> float:
+        """The CPU time of all processes together."""
+        return sum(p.cpu_seconds for p in self.processes)
+
+    @property
     def ok(self) -> bool:
         return not self.timed_out and all(p.returncode == 0 for p in self.processes)
 
     def describe(self) -> str:
         lines = [
-            f"{len(self.processes)} processes, {self.elapsed:.1f} s"
+            f"{len(self.processes)} processes, {self.elapsed:.1f} s ({self.cpu_seconds:.1f} s CPU)"
             + (" (timed out)" if self.timed_out else "")
         ]
         for p in self.processes:
             state = "killed by the launcher" if p.killed else f"exit code {p.returncode}"
             lines.append(
-                f"  process {p.process_id}: {state} after {p.elapsed:.1f} s"
-                + (f": {p.error}" if p.returncode else "")
+                f"  process {p.process_id}: {state} after {p.elapsed:.1f} s "
+                f"({p.cpu_seconds:.1f} s CPU)"
+                + (f": {p.error}" if p.returncode and p.error else "")
             )
         return "\n".join(lines)
 
@@ -687,7 +721,7 @@ _GLOG_PREFIX = re.compile(r"^[FE]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
 
 
 def error_summary(stderr: str) -> str:
-    """Why a process failed: its Python exception, else JAX's fatal abort line, else the last line."""
+    """Why a process failed: its Python exception, else JAX's fatal abort, else the last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     tracebacks = [
         i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")
@@ -698,10 +732,26 @@ def error_summary(stderr: str) -> str:
                 return line
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("F") and _GLOG_PREFIX.match(lines[i]):
-            return _GLOG_PREFIX.sub("", lines[i]) + (
-                " " + lines[i + 1] if i + 1 < len(lines) else ""
-            )
+            fatal = _GLOG_PREFIX.sub("", lines[i])
+            if i + 1 < len(lines) and not lines[i + 1].startswith(("*", "@", "RPC:")):
+                fatal += " " + lines[i + 1]  # e.g. the ids of the tasks that stopped
+            if "absl::Status:" in fatal:  # keep the status, drop JAX's generic advice
+                head, _, status = fatal.partition("absl::Status:")
+                fatal = head.split(".")[0] + ": " + status.strip()
+            return fatal
     return lines[-1] if lines else ""
+
+
+def _reap(process: subprocess.Popen, cpu: dict, index: int, block: bool = False) -> bool:
+    """Whether ``process`` has exited; if so, sets its returncode and records its CPU time."""
+    if process.returncode is not None:
+        return True
+    pid, status, usage = os.wait4(process.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return False
+    process.returncode = os.waitstatus_to_exitcode(status)
+    cpu[index] = usage.ru_utime + usage.ru_stime
+    return True
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -763,6 +813,7 @@ def launch_local(
     processes: list[subprocess.Popen] = []
     logs = []
     ended: dict[int, float] = {}  # index in processes -> seconds from the launch to its exit
+    cpu: dict[int, float] = {}  # index in processes -> CPU seconds it used
     killed: set[int] = set()
     start = time.monotonic()
     timed_out = False
@@ -787,7 +838,7 @@ def launch_local(
             while len(ended) < len(processes):
                 now = time.monotonic()
                 for i, process in enumerate(processes):
-                    if i not in ended and process.poll() is not None:
+                    if i not in ended and _reap(process, cpu, i):
                         ended[i] = now - start
                         if process.returncode != 0 and first_failure is None:
                             first_failure = now
@@ -799,25 +850,29 @@ def launch_local(
                 time.sleep(poll_interval)
         finally:
             for i, process in enumerate(processes):
-                if process.poll() is None:
+                if i not in ended and not _reap(process, cpu, i):
                     _kill(process)
-                    process.wait()
+                    _reap(process, cpu, i, block=True)
                     killed.add(i)
-                    ended[i] = time.monotonic() - start
+                ended.setdefault(i, time.monotonic() - start)
             results = []
-            for i, (out, err) in enumerate(logs):
+            for i, process in enumerate(processes):
+                out, err = logs[i]
                 out.seek(0)
                 err.seek(0)
                 results.append(
                     ProcessResult(
                         process_id=process_ids[i],
-                        returncode=processes[i].returncode if i < len(processes) else None,
+                        pid=process.pid,
+                        returncode=process.returncode,
                         stdout=out.read(),
                         stderr=err.read(),
                         killed=i in killed,
-                        elapsed=ended.get(i, time.monotonic() - start),
+                        elapsed=ended[i],
+                        cpu_seconds=cpu.get(i, float("nan")),
                     )
                 )
+            for out, err in logs:
                 out.close()
                 err.close()
     return JobResult(results, time.monotonic() - start, timed_out and bool(killed))
@@ -843,6 +898,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     matched the uninterrupted one, and with ``--reference`` the largest
     difference of each style and method from a one-device run.
     """
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
     joined = join_job(
         initialization_timeout=args.initialization_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
@@ -854,6 +911,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         methods=tuple(args.methods.split(",")) if args.methods else (),
         styles=tuple(args.styles.split(",")),
+        dtype=args.dtype,
     )
     mesh = make_global_mesh()
     states = initial_states(config, mesh)
@@ -946,6 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=40)
     run.add_argument("--batch-size", type=int, default=64, help="the global batch size")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     run.add_argument(
         "--methods", default="", help=f"comma-separated subset of {BASE_METHODS + ROBUST_METHODS}"
     )
