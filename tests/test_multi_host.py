@@ -2,16 +2,17 @@
 
 Local CPU processes, started by ``examples/multi_host.py``'s ``launch_local``,
 form one multi-controller JAX job (coordinator on 127.0.0.1 at a free port,
-gloo CPU collectives). Every method (FAMO same-batch and lagged, CAGrad and
-MGDA on the shared trunk, and robust FAMO once ``famo_jax.robust_famo``
-exists) is trained in both styles (sharded ``jit`` and ``shard_map``):
+gloo CPU collectives). Every method is trained: FAMO same-batch and lagged,
+CAGrad and MGDA on the shared trunk, and robust FAMO once
+``famo_jax.robust_famo`` exists.
 
-- 2 processes x 2 CPU devices, float32, ``STEPS`` steps; the job saves an
-  orbax checkpoint after ``CHECKPOINT_STEP`` and checks that it restores, and
-  the run resumes, bit for bit; this process restores that checkpoint and
-  continues on one device;
-- 4 processes x 1 device, float64, through the example's command line,
-  resuming a checkpoint that this (single) process saved.
+- 2 processes x 2 CPU devices, float32, both styles (sharded ``jit`` and
+  ``shard_map``), ``STEPS`` steps; the job saves an orbax checkpoint after
+  ``CHECKPOINT_STEP`` and checks that it restores, and the run resumes, bit
+  for bit; this process restores that checkpoint and continues on one device;
+- 4 processes x 1 device, float64, sharded ``jit``, through the example's
+  command line, resuming a checkpoint that this (single) process saved.
+  (``shard_map`` there too would add a third of the module's CPU time.)
 
 This process also runs the same training on its one device: the
 single-process run on the global batch that the jobs must reproduce.
@@ -106,9 +107,13 @@ def _failure_scenarios() -> dict:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def failures():
-    """Starts every failure scenario in the background; ``failures[name]`` waits for one."""
+    """Starts every failure scenario in the background; ``failures[name]`` waits for one.
+
+    The training fixtures request it first, so that the scenarios (which mostly
+    wait for timeouts) run while the training jobs compute.
+    """
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(_failure_scenarios()))
     futures = {name: executor.submit(run) for name, run in _failure_scenarios().items()}
 
@@ -164,10 +169,10 @@ def _assert_close(actual: dict, expected: dict):
 # --- the single-process run and the two jobs ---------------------------------------------------
 
 
-def _single_process_run(checkpoint_dir: str, dtype: str) -> dict:
-    # One device, both styles' states trained with the one-device step (style
-    # jit), so that the checkpoint has the structure the jobs restore.
-    config = multi_host.RunConfig(steps=STEPS, dtype=dtype)
+def _single_process_run(checkpoint_dir: str, dtype: str, styles: tuple[str, ...]) -> dict:
+    # One device; every style's states are trained with the one-device step
+    # (style jit), and the checkpoint has the structure the jobs restore.
+    config = multi_host.RunConfig(steps=STEPS, dtype=dtype, styles=styles)
     mesh = multi_host.make_global_mesh(jax.devices()[:1])
     initial = multi_host.initial_states(config, mesh)
     checkpointed = multi_host.train(initial, config, mesh, CHECKPOINT_STEP, step_style="jit")
@@ -185,20 +190,22 @@ def _single_process_run(checkpoint_dir: str, dtype: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
+def single_process(tmp_path_factory, failures):
     """This process, one device, float32: the run, with a checkpoint after ``CHECKPOINT_STEP``."""
-    return _single_process_run(str(tmp_path_factory.mktemp("single_float32")), "float32")
+    directory = str(tmp_path_factory.mktemp("single_float32"))
+    return _single_process_run(directory, "float32", multi_host.STYLES)
 
 
 @pytest.fixture(scope="module")
 def single_process_float64(tmp_path_factory):
-    """The same run in float64."""
+    """The same run in float64, style jit only (what the four-process job runs)."""
+    directory = str(tmp_path_factory.mktemp("single_float64"))
     with jax.enable_x64(True):
-        return _single_process_run(str(tmp_path_factory.mktemp("single_float64")), "float64")
+        return _single_process_run(directory, "float64", ("jit",))
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(tmp_path_factory, failures):
     """2 processes x 2 devices, both styles, checkpoint after ``CHECKPOINT_STEP``."""
     checkpoint_dir = str(tmp_path_factory.mktemp("two_process_checkpoint"))
     out = str(tmp_path_factory.mktemp("two_process_states"))
@@ -224,7 +231,8 @@ def four_processes(single_process_float64, tmp_path_factory):
     """4 processes x 1 device, float64, resuming this process's checkpoint, through ``main``."""
     out = str(tmp_path_factory.mktemp("four_process_states"))
     argv = ["--local-processes", "4", "--devices-per-process", "1", "--timeout", str(JOB_TIMEOUT)]
-    argv += ["--steps", str(STEPS), "--dtype", "float64", "--no-reference", "--out", out]
+    argv += ["--steps", str(STEPS), "--dtype", "float64", "--styles", "jit", "--no-reference"]
+    argv += ["--out", out]
     argv += ["--resume", "--checkpoint-dir", single_process_float64["checkpoint_dir"]]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -464,5 +472,6 @@ def test_robust_famo_hook_turns_on_with_the_attribute(monkeypatch):
     assert multi_host.available_methods()[-2:] == multi_host.ROBUST_METHODS
     multi_host.make_step("robust_famo_lagged", 3, axis_name=multi_host.AXIS)
     assert calls == [(3, multi_host.AXIS)]
-    state = multi_host.init_train_state("robust_famo", jax.random.key(0))
+    # Traced, not run: the shapes are what matters, and nothing is compiled.
+    state = jax.eval_shape(lambda: multi_host.init_train_state("robust_famo", jax.random.key(0)))
     assert isinstance(state.weighting_state, famo_jax.FAMOState)
