@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import functools
 import os
 import re
@@ -586,8 +587,15 @@ def train(
         )
         for style, by_method in states.items()
     }
+    # On CPU, a multi-process job with several devices per process deadlocks
+    # within a few dozen steps when the next step is dispatched before the last
+    # one finished (XLA:CPU's gloo collectives; seen with 2 and 4 processes of 2
+    # devices, not with 1 device each): wait for each step there.
+    wait = jax.process_count() > 1 and mesh.devices.flat[0].platform == "cpu"
     for t in range(current_step(states), stop):
-        states = {style: step(states[style], dataset, t) for style, step in steps.items()}
+        for style, step in steps.items():
+            new_state = step(states[style], dataset, t)
+            states = {**states, style: jax.block_until_ready(new_state) if wait else new_state}
     return states
 
 
@@ -754,6 +762,16 @@ def _reap(process: subprocess.Popen, cpu: dict, index: int, block: bool = False)
     return True
 
 
+def _request_stacks(processes: Sequence[subprocess.Popen]) -> None:
+    """Sends SIGUSR1, on which ``run_worker`` prints every thread's Python stack."""
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)
+
+
 def _kill(process: subprocess.Popen) -> None:
     # Each process leads its own session, so this also reaches anything it started.
     try:
@@ -788,9 +806,11 @@ def launch_local(
     Never hangs: once a process fails, the others have ``failure_grace``
     seconds to exit on their own (JAX's health check stops them after its
     heartbeat timeout) before they are killed; after ``timeout`` seconds every
-    process still running is killed; and they are killed if the launcher
-    itself is interrupted (KeyboardInterrupt included). Each process leads its
-    own session, so killing it reaches anything it started.
+    process still running gets SIGUSR1 (on which this example's workers print
+    every thread's Python stack to their stderr) and a second later SIGKILL;
+    and they are killed if the launcher itself is interrupted
+    (KeyboardInterrupt included). Each process leads its own session, so
+    killing it reaches anything it started.
 
     Returns:
       A :class:`JobResult`; ``.check()`` raises :class:`JobFailed` unless every process succeeded.
@@ -849,11 +869,17 @@ def launch_local(
                     break
                 time.sleep(poll_interval)
         finally:
-            for i, process in enumerate(processes):
-                if i not in ended and not _reap(process, cpu, i):
-                    _kill(process)
-                    _reap(process, cpu, i, block=True)
-                    killed.add(i)
+            running = [
+                i for i, p in enumerate(processes) if i not in ended and not _reap(p, cpu, i)
+            ]
+            if timed_out and running:  # the stacks of a hung job say where it hangs
+                _request_stacks([processes[i] for i in running])
+            for i in running:
+                if not _reap(processes[i], cpu, i):
+                    _kill(processes[i])
+                    _reap(processes[i], cpu, i, block=True)
+                killed.add(i)
+            for i in range(len(processes)):
                 ended.setdefault(i, time.monotonic() - start)
             results = []
             for i, process in enumerate(processes):
@@ -898,6 +924,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     matched the uninterrupted one, and with ``--reference`` the largest
     difference of each style and method from a one-device run.
     """
+    # SIGUSR1 prints every thread's Python stack: launch_local sends it to a
+    # job that outlives its timeout, before killing it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     joined = join_job(

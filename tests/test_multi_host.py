@@ -392,7 +392,7 @@ def test_a_process_that_never_joins_stops_the_coordinator_in_bounded_time(failur
 def test_the_launcher_kills_a_job_that_outlives_its_timeout(failures):
     result = failures["launcher_timeout"]
     assert result.timed_out and not result.ok
-    assert all(p.killed and p.returncode == -9 for p in result.processes)
+    assert all(p.killed and p.returncode < 0 for p in result.processes)
     assert result.elapsed < 10.0
     for p in result.processes:  # gone, not just abandoned
         with pytest.raises(ProcessLookupError):
