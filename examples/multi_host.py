@@ -326,13 +326,15 @@ class TrainState(NamedTuple):
 IS_SHARED = {"trunk": True, "heads": False}
 
 
-def robust_famo_weighting(num_tasks: int, axis_name: str | None) -> famo_jax.LossWeighting:
+def robust_famo_weighting(
+    num_tasks: int, axis_name: str | None, dtype: str = "float32"
+) -> famo_jax.LossWeighting:
     """Hook for the robust FAMO variant: ``famo_jax.robust_famo``, same protocol as ``famo``.
 
     The robust methods run wherever :func:`available_methods` is used as soon as
-    ``famo_jax.robust_famo`` exists, with its defaults and ``axis_name``.
+    ``famo_jax.robust_famo`` exists, with its defaults, ``axis_name`` and logits in ``dtype``.
     """
-    return famo_jax.robust_famo(num_tasks, axis_name=axis_name)
+    return famo_jax.robust_famo(num_tasks, axis_name=axis_name, logits_dtype=dtype)
 
 
 def available_methods() -> tuple[str, ...]:
@@ -344,7 +346,7 @@ def _weighting(
     method: str, num_tasks: int, axis_name: str | None, dtype: str
 ) -> famo_jax.LossWeighting:
     if method.startswith("robust_famo"):
-        return robust_famo_weighting(num_tasks, axis_name)
+        return robust_famo_weighting(num_tasks, axis_name, dtype)
     # gamma 0.01 (the authors' Cityscapes setting): with the default 1e-3 the
     # logits barely move in a few steps, and the test would not cover them.
     return famo_jax.famo(num_tasks, gamma=0.01, axis_name=axis_name, logits_dtype=dtype)

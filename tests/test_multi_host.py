@@ -464,14 +464,14 @@ def test_robust_famo_hook_turns_on_with_the_attribute(monkeypatch):
     """The robust variant joins every run as soon as ``famo_jax.robust_famo`` exists."""
     calls = []
 
-    def robust_famo(num_tasks, axis_name=None):
-        calls.append((num_tasks, axis_name))
-        return famo_jax.famo(num_tasks, axis_name=axis_name)
+    def robust_famo(num_tasks, axis_name=None, logits_dtype="float32"):
+        calls.append((num_tasks, axis_name, logits_dtype))
+        return famo_jax.famo(num_tasks, axis_name=axis_name, logits_dtype=logits_dtype)
 
     monkeypatch.setattr(famo_jax, "robust_famo", robust_famo, raising=False)
     assert multi_host.available_methods()[-2:] == multi_host.ROBUST_METHODS
-    multi_host.make_step("robust_famo_lagged", 3, axis_name=multi_host.AXIS)
-    assert calls == [(3, multi_host.AXIS)]
+    multi_host.make_step("robust_famo_lagged", 3, axis_name=multi_host.AXIS, dtype="float64")
+    assert calls == [(3, multi_host.AXIS, "float64")]
     # Traced, not run: the shapes are what matters, and nothing is compiled.
     state = jax.eval_shape(lambda: multi_host.init_train_state("robust_famo", jax.random.key(0)))
     assert isinstance(state.weighting_state, famo_jax.FAMOState)
