@@ -7,8 +7,8 @@ process runs the same program. Every process then holds the same parameters,
 optimizer state and FAMO state, equal (to float32 rounding) to a one-device
 run on the global batch. The methods: FAMO with the authors' same-batch update
 and with the lagged update, CAGrad and MGDA on the shared trunk
-(``famo_jax.shared_trunk`` over ``famo_jax.task_gradients``), and the robust
-FAMO variant once ``famo_jax.robust_famo`` exists (:func:`robust_famo_weighting`).
+(``famo_jax.shared_trunk`` over ``famo_jax.task_gradients``), and robust FAMO
+(``famo_jax.robust_famo``, same-batch and lagged).
 
 Two styles, as on one host (``examples/data_parallel.py``):
 
@@ -88,8 +88,7 @@ else:  # run as a script: this file's directory is on sys.path
 
 AXIS = "data"
 STYLES = ("jit", "shard_map")
-BASE_METHODS = ("famo", "famo_lagged", "cagrad", "mgda")
-ROBUST_METHODS = ("robust_famo", "robust_famo_lagged")
+METHODS = ("famo", "famo_lagged", "robust_famo", "robust_famo_lagged", "cagrad", "mgda")
 
 # jax.distributed.initialize reads JAX_COORDINATOR_ADDRESS itself; the other two
 # are read by join_job (jax takes them only as arguments or from a cluster
@@ -326,27 +325,11 @@ class TrainState(NamedTuple):
 IS_SHARED = {"trunk": True, "heads": False}
 
 
-def robust_famo_weighting(
-    num_tasks: int, axis_name: str | None, dtype: str = "float32"
-) -> famo_jax.LossWeighting:
-    """Hook for the robust FAMO variant: ``famo_jax.robust_famo``, same protocol as ``famo``.
-
-    The robust methods run wherever :func:`available_methods` is used as soon as
-    ``famo_jax.robust_famo`` exists, with its defaults, ``axis_name`` and logits in ``dtype``.
-    """
-    return famo_jax.robust_famo(num_tasks, axis_name=axis_name, logits_dtype=dtype)
-
-
-def available_methods() -> tuple[str, ...]:
-    """FAMO (same-batch, lagged), CAGrad, MGDA, and robust FAMO when the library has it."""
-    return BASE_METHODS + (ROBUST_METHODS if hasattr(famo_jax, "robust_famo") else ())
-
-
 def _weighting(
     method: str, num_tasks: int, axis_name: str | None, dtype: str
 ) -> famo_jax.LossWeighting:
-    if method.startswith("robust_famo"):
-        return robust_famo_weighting(num_tasks, axis_name, dtype)
+    if method.startswith("robust_famo"):  # its defaults: no gamma to set
+        return famo_jax.robust_famo(num_tasks, axis_name=axis_name, logits_dtype=dtype)
     # gamma 0.01 (the authors' Cityscapes setting): with the default 1e-3 the
     # logits barely move in a few steps, and the test would not cover them.
     return famo_jax.famo(num_tasks, gamma=0.01, axis_name=axis_name, logits_dtype=dtype)
@@ -526,7 +509,7 @@ class RunConfig:
     hidden: int = 16
     learning_rate: float = 1e-2
     seed: int = 0
-    methods: tuple[str, ...] = ()  # empty: available_methods()
+    methods: tuple[str, ...] = METHODS
     styles: tuple[str, ...] = STYLES
     dtype: str = "float32"  # "float64" needs jax_enable_x64
 
@@ -534,7 +517,7 @@ class RunConfig:
 def initial_states(config: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, dict[str, TrainState]]:
     """``{style: {method: state}}``, every state replicated on ``mesh``; same seed for all."""
     init_all = _compiled_init(
-        config.methods or available_methods(),
+        config.methods,
         config.input_dim,
         config.hidden,
         config.num_tasks,
@@ -940,7 +923,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
-        methods=tuple(args.methods.split(",")) if args.methods else (),
+        methods=tuple(args.methods.split(",")) if args.methods else METHODS,
         styles=tuple(args.styles.split(",")),
         dtype=args.dtype,
     )
@@ -1036,9 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=64, help="the global batch size")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    run.add_argument(
-        "--methods", default="", help=f"comma-separated subset of {BASE_METHODS + ROBUST_METHODS}"
-    )
+    run.add_argument("--methods", default="", help=f"comma-separated subset of {METHODS}")
     run.add_argument(
         "--styles", default=",".join(STYLES), help="comma-separated subset of jit,shard_map"
     )

@@ -3,8 +3,8 @@
 Local CPU processes, started by ``examples/multi_host.py``'s ``launch_local``,
 form one multi-controller JAX job (coordinator on 127.0.0.1 at a free port,
 gloo CPU collectives). Every method is trained: FAMO same-batch and lagged,
-CAGrad and MGDA on the shared trunk, and robust FAMO once
-``famo_jax.robust_famo`` exists.
+robust FAMO (``famo_jax.robust_famo``) same-batch and lagged, and CAGrad and
+MGDA on the shared trunk.
 
 - 2 processes x 2 CPU devices, float32, both styles (sharded ``jit`` and
   ``shard_map``), ``STEPS`` steps; the job saves an orbax checkpoint after
@@ -245,9 +245,7 @@ def four_processes(single_process_float64, tmp_path_factory):
 
 
 def test_the_runs_cover_every_method_and_famo_moved(single_process):
-    methods = multi_host.available_methods()
-    assert set(multi_host.BASE_METHODS) <= set(methods)
-    assert ("robust_famo" in methods) == hasattr(famo_jax, "robust_famo")
+    methods = multi_host.METHODS
     final = single_process["host_final"]["jit"]
     assert set(final) == set(methods)
     for method in methods:
@@ -259,8 +257,8 @@ def test_the_runs_cover_every_method_and_famo_moved(single_process):
         if method not in ("cagrad", "mgda"):
             # The logits moved, so the comparisons below cover the update, not only the init.
             assert np.ptp(final[method].weighting_state.logits) > 0.01, method
-    if "robust_famo" in methods:  # the library's robust variant, not FAMO again
-        assert isinstance(final["robust_famo"].weighting_state, famo_jax.RobustFAMOState)
+    # The library's robust variant, not FAMO again.
+    assert isinstance(final["robust_famo"].weighting_state, famo_jax.RobustFAMOState)
 
 
 @pytest.mark.parametrize("name", ["start", "checkpointed", "final"])
@@ -330,6 +328,7 @@ def test_four_processes_resume_the_single_process_checkpoint(
     # ...and continued to where the single process got to.
     _assert_close(final, single_process_float64["final"])
     assert final["['jit']['famo'].params['trunk']['w']"].dtype == np.float64
+    assert final["['jit']['robust_famo'].weighting_state.logits"].dtype == np.float64
     assert "4 process(es), 4 devices (1 per process)" in four_processes["printed"]
     assert f"steps {CHECKPOINT_STEP}..{STEPS}" in four_processes["printed"]
     assert four_processes["result"].ok
@@ -460,20 +459,3 @@ def test_error_summary():
 def test_worker_argv_drops_only_the_launch_options():
     argv = ["--local-processes", "4", "--steps=3", "--devices-per-process=1", "--timeout", "9"]
     assert multi_host._worker_argv(argv + ["--resume"]) == ["--steps=3", "--resume"]
-
-
-def test_robust_famo_hook_turns_on_with_the_attribute(monkeypatch):
-    """The robust variant joins every run as soon as ``famo_jax.robust_famo`` exists."""
-    calls = []
-
-    def robust_famo(num_tasks, axis_name=None, logits_dtype="float32"):
-        calls.append((num_tasks, axis_name, logits_dtype))
-        return famo_jax.famo(num_tasks, axis_name=axis_name, logits_dtype=logits_dtype)
-
-    monkeypatch.setattr(famo_jax, "robust_famo", robust_famo, raising=False)
-    assert multi_host.available_methods()[-2:] == multi_host.ROBUST_METHODS
-    multi_host.make_step("robust_famo_lagged", 3, axis_name=multi_host.AXIS, dtype="float64")
-    assert calls == [(3, multi_host.AXIS, "float64")]
-    # Traced, not run: the shapes are what matters, and nothing is compiled.
-    state = jax.eval_shape(lambda: multi_host.init_train_state("robust_famo", jax.random.key(0)))
-    assert isinstance(state.weighting_state, famo_jax.FAMOState)
