@@ -6,13 +6,17 @@ gloo CPU collectives). Every method is trained: FAMO same-batch and lagged,
 robust FAMO (``famo_jax.robust_famo``) same-batch and lagged, and CAGrad and
 MGDA on the shared trunk.
 
-- 2 processes x 2 CPU devices, float32, both styles (sharded ``jit`` and
-  ``shard_map``), ``STEPS`` steps; the job saves an orbax checkpoint after
-  ``CHECKPOINT_STEP`` and checks that it restores, and the run resumes, bit
-  for bit; this process restores that checkpoint and continues on one device;
+- 2 processes x 2 CPU devices, float32, ``shard_map`` (FAMO's ``axis_name``
+  reducing over local and remote devices at once), ``STEPS`` steps; the job
+  saves an orbax checkpoint after ``CHECKPOINT_STEP`` and checks that it
+  restores, and the run resumes, bit for bit; this process restores that
+  checkpoint and continues on one device;
 - 4 processes x 1 device, float64, sharded ``jit``, through the example's
   command line, resuming a checkpoint that this (single) process saved.
-  (``shard_map`` there too would add a third of the module's CPU time.)
+
+One style per job: the processes' CPU time is mostly compiling, one program
+per style, so both styles in both jobs would add half the module's time; the
+example runs both by default.
 
 This process also runs the same training on its one device: the
 single-process run on the global batch that the jobs must reproduce.
@@ -33,9 +37,10 @@ relative on the task losses, which reach ~25):
   method, CAGrad included, after 12 steps on 4 devices, which shows that the
   float32 gap of CAGrad is its solver's precision, not the data parallelism.
 
-Failures run in background threads while the training jobs run, since they
-mostly wait for JAX's timeouts. Every job has a launcher timeout, after which
-its processes are killed.
+The failure scenarios (which mostly wait for JAX's timeouts) and the
+two-process job run in background threads from the first test on, so that they
+overlap with this process's runs and the four-process job. Every job has a
+launcher timeout, after which its processes are killed.
 """
 
 from __future__ import annotations
@@ -108,18 +113,22 @@ def _failure_scenarios() -> dict:
 
 
 @pytest.fixture(scope="module")
-def failures():
-    """Starts every failure scenario in the background; ``failures[name]`` waits for one.
+def background(tmp_path_factory):
+    """Starts every failure scenario and the two-process job; ``background[name]`` waits for one.
 
-    The training fixtures request it first, so that the scenarios (which mostly
-    wait for timeouts) run while the training jobs compute.
+    The first fixtures request it, so that all of them run while this process
+    computes its own runs and the four-process job runs.
     """
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(_failure_scenarios()))
-    futures = {name: executor.submit(run) for name, run in _failure_scenarios().items()}
+    jobs = _failure_scenarios()
+    checkpoint_dir = str(tmp_path_factory.mktemp("two_process_checkpoint"))
+    out = str(tmp_path_factory.mktemp("two_process_states"))
+    jobs["two_processes"] = lambda: _two_process_job(checkpoint_dir, out)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs))
+    futures = {name: executor.submit(run) for name, run in jobs.items()}
 
     class Results(dict):
         def __missing__(self, name):
-            return futures[name].result(timeout=300)
+            return futures[name].result(timeout=JOB_TIMEOUT + 60)
 
     yield Results()
     executor.shutdown(wait=True)
@@ -190,29 +199,35 @@ def _single_process_run(checkpoint_dir: str, dtype: str, styles: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory, failures):
+def failures(background):
+    return background
+
+
+TWO_PROCESS_STYLE, FOUR_PROCESS_STYLE = "shard_map", "jit"
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, background):
     """This process, one device, float32: the run, with a checkpoint after ``CHECKPOINT_STEP``."""
     directory = str(tmp_path_factory.mktemp("single_float32"))
-    return _single_process_run(directory, "float32", multi_host.STYLES)
+    return _single_process_run(directory, "float32", (TWO_PROCESS_STYLE,))
 
 
 @pytest.fixture(scope="module")
-def single_process_float64(tmp_path_factory):
-    """The same run in float64, style jit only (what the four-process job runs)."""
+def single_process_float64(tmp_path_factory, background):
+    """The same run in float64 (what the four-process job resumes and must reproduce)."""
     directory = str(tmp_path_factory.mktemp("single_float64"))
     with jax.enable_x64(True):
-        return _single_process_run(directory, "float64", ("jit",))
+        return _single_process_run(directory, "float64", (FOUR_PROCESS_STYLE,))
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, failures):
-    """2 processes x 2 devices, both styles, checkpoint after ``CHECKPOINT_STEP``."""
-    checkpoint_dir = str(tmp_path_factory.mktemp("two_process_checkpoint"))
-    out = str(tmp_path_factory.mktemp("two_process_states"))
+def _two_process_job(checkpoint_dir: str, out: str) -> dict:
+    """2 processes x 2 devices, ``shard_map``, checkpoint after ``CHECKPOINT_STEP``."""
     result = multi_host.launch_local(
         _worker(
-            *("--steps", str(STEPS), "--checkpoint-dir", checkpoint_dir),
-            *("--checkpoint-step", str(CHECKPOINT_STEP), "--out", out, "--no-reference"),
+            *("--steps", str(STEPS), "--styles", TWO_PROCESS_STYLE, "--no-reference"),
+            *("--checkpoint-dir", checkpoint_dir, "--checkpoint-step", str(CHECKPOINT_STEP)),
+            *("--out", out),
         ),
         2,
         devices_per_process=2,
@@ -227,11 +242,17 @@ def two_processes(tmp_path_factory, failures):
 
 
 @pytest.fixture(scope="module")
+def two_processes(background):
+    return background["two_processes"]
+
+
+@pytest.fixture(scope="module")
 def four_processes(single_process_float64, tmp_path_factory):
     """4 processes x 1 device, float64, resuming this process's checkpoint, through ``main``."""
     out = str(tmp_path_factory.mktemp("four_process_states"))
     argv = ["--local-processes", "4", "--devices-per-process", "1", "--timeout", str(JOB_TIMEOUT)]
-    argv += ["--steps", str(STEPS), "--dtype", "float64", "--styles", "jit", "--no-reference"]
+    argv += ["--steps", str(STEPS), "--dtype", "float64", "--no-reference"]
+    argv += ["--styles", FOUR_PROCESS_STYLE]
     argv += ["--out", out]
     argv += ["--resume", "--checkpoint-dir", single_process_float64["checkpoint_dir"]]
     printed = io.StringIO()
@@ -246,7 +267,7 @@ def four_processes(single_process_float64, tmp_path_factory):
 
 def test_the_runs_cover_every_method_and_famo_moved(single_process):
     methods = multi_host.METHODS
-    final = single_process["host_final"]["jit"]
+    final = single_process["host_final"][TWO_PROCESS_STYLE]
     assert set(final) == set(methods)
     for method in methods:
         assert int(final[method].step) == STEPS
@@ -259,6 +280,31 @@ def test_the_runs_cover_every_method_and_famo_moved(single_process):
             assert np.ptp(final[method].weighting_state.logits) > 0.01, method
     # The library's robust variant, not FAMO again.
     assert isinstance(final["robust_famo"].weighting_state, famo_jax.RobustFAMOState)
+
+
+# The four-process job runs here, while the two-process job runs in the background.
+
+
+@pytest.mark.parametrize("name", ["start", "final"])
+def test_four_processes_hold_bit_identical_states(four_processes, name):
+    first, *others = four_processes[name]
+    for other in others:
+        _assert_flat_equal(first, other)
+
+
+def test_four_processes_resume_the_single_process_checkpoint(
+    four_processes, single_process_float64
+):
+    start, final = four_processes["start"][0], four_processes["final"][0]
+    # Restored bit for bit onto the four-process job's global mesh...
+    _assert_flat_equal(start, single_process_float64["checkpointed"])
+    # ...and continued to where the single process got to.
+    _assert_close(final, single_process_float64["final"])
+    assert final["['jit']['famo'].params['trunk']['w']"].dtype == np.float64
+    assert final["['jit']['robust_famo'].weighting_state.logits"].dtype == np.float64
+    assert "4 process(es), 4 devices (1 per process)" in four_processes["printed"]
+    assert f"steps {CHECKPOINT_STEP}..{STEPS}" in four_processes["printed"]
+    assert four_processes["result"].ok
 
 
 @pytest.mark.parametrize("name", ["start", "checkpointed", "final"])
@@ -290,10 +336,10 @@ def test_two_process_checkpoint_restores_into_one_process_and_continues(
     two_processes, single_process
 ):
     mesh = single_process["mesh"]
-    config = multi_host.RunConfig(steps=STEPS)  # both styles, as the job saved them
+    config = multi_host.RunConfig(steps=STEPS, styles=(TWO_PROCESS_STYLE,))  # as the job saved
     fresh = multi_host.initial_states(config, mesh)
     restored = multi_host.restore_checkpoint(two_processes["checkpoint_dir"], fresh)
-    assert isinstance(restored["jit"]["famo"].weighting_state, famo_jax.FAMOState)
+    assert isinstance(restored[TWO_PROCESS_STYLE]["famo"].weighting_state, famo_jax.FAMOState)
     saved = two_processes["checkpointed"][0]
     # Bit for bit what the job held when it saved.
     _assert_flat_equal(multi_host.flatten(multi_host.to_host(restored)), saved)
@@ -310,28 +356,6 @@ def test_two_process_checkpoint_restores_into_one_process_and_continues(
     )
     # And where the two-process job itself got to, within the tolerance.
     _assert_close(resumed, two_processes["final"][0])
-
-
-@pytest.mark.parametrize("name", ["start", "final"])
-def test_four_processes_hold_bit_identical_states(four_processes, name):
-    first, *others = four_processes[name]
-    for other in others:
-        _assert_flat_equal(first, other)
-
-
-def test_four_processes_resume_the_single_process_checkpoint(
-    four_processes, single_process_float64
-):
-    start, final = four_processes["start"][0], four_processes["final"][0]
-    # Restored bit for bit onto the four-process job's global mesh...
-    _assert_flat_equal(start, single_process_float64["checkpointed"])
-    # ...and continued to where the single process got to.
-    _assert_close(final, single_process_float64["final"])
-    assert final["['jit']['famo'].params['trunk']['w']"].dtype == np.float64
-    assert final["['jit']['robust_famo'].weighting_state.logits"].dtype == np.float64
-    assert "4 process(es), 4 devices (1 per process)" in four_processes["printed"]
-    assert f"steps {CHECKPOINT_STEP}..{STEPS}" in four_processes["printed"]
-    assert four_processes["result"].ok
 
 
 # --- failures ----------------------------------------------------------------------------------
