@@ -57,6 +57,7 @@ left after its own ``timeout``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import functools
@@ -794,7 +795,8 @@ def launch_local(
     process still running gets SIGUSR1 (on which this example's workers print
     every thread's Python stack to their stderr) and a second later SIGKILL;
     and they are killed if the launcher itself is interrupted
-    (KeyboardInterrupt included). Each process leads its own session, so
+    (KeyboardInterrupt included; SIGTERM too within :func:`exit_on_sigterm`,
+    which ``main`` uses). Each process leads its own session, so
     killing it reaches anything it started.
 
     Returns:
@@ -887,6 +889,26 @@ def launch_local(
                 out.close()
                 err.close()
     return JobResult(results, time.monotonic() - start, timed_out and bool(killed))
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Within it, SIGTERM raises ``SystemExit(143)``, so that :func:`launch_local` cleans up.
+
+    A scheduler cancelling a job (SLURM's ``scancel``, a CI timeout) sends
+    SIGTERM, on which Python exits without running ``finally`` blocks; the
+    launched processes, each leading its own session, would be left running.
+    The previous handler comes back on exit. Main thread only.
+    """
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- the example --------------------------------------------------------------------------------
@@ -1087,13 +1109,14 @@ def main(argv: Sequence[str] | None = None):
             raise SystemExit("--checkpoint-step and --resume need --checkpoint-dir")
     if not args.local_processes:
         return run_worker(args)
-    result = launch_local(
-        worker_command(_worker_argv(argv)),
-        args.local_processes,
-        devices_per_process=args.devices_per_process,
-        timeout=args.timeout,
-        failure_grace=args.heartbeat_timeout + 30,
-    )
+    with exit_on_sigterm():
+        result = launch_local(
+            worker_command(_worker_argv(argv)),
+            args.local_processes,
+            devices_per_process=args.devices_per_process,
+            timeout=args.timeout,
+            failure_grace=args.heartbeat_timeout + 30,
+        )
     print(result.processes[0].stdout, end="")
     print(result.describe())
     return result.check()

@@ -50,8 +50,11 @@ import contextlib
 import io
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -433,6 +436,53 @@ def test_the_launcher_kills_the_rest_once_a_process_has_failed(failures):
     assert failed.error == "process 1 gives up"
     assert left.killed and not result.timed_out
     assert left.elapsed - failed.elapsed < 10.0
+
+
+_SLEEPER = (
+    "import os, time\n"
+    "with open(os.path.join(os.environ['PID_DIR'], os.environ['JAX_PROCESS_ID']), 'w') as f:\n"
+    "    f.write(str(os.getpid()))\n"
+    "time.sleep(600)"
+)
+_TERMINATED_LAUNCHER = f"""
+import sys
+sys.path.insert(0, {REPO!r})
+from examples import multi_host
+with multi_host.exit_on_sigterm():
+    multi_host.launch_local([sys.executable, "-c", {_SLEEPER!r}], 2, timeout=120.0)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_terminated_launcher_takes_its_processes_with_it(tmp_path):
+    """SIGTERM to the launcher (a scheduler cancelling the job) kills the processes it started."""
+    env = {**os.environ, "PID_DIR": str(tmp_path)}
+    launcher = subprocess.Popen([sys.executable, "-c", _TERMINATED_LAUNCHER], env=env)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60.0
+        while len(pids) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.1)
+            files = [tmp_path / name for name in ("0", "1")]
+            if all(f.exists() and f.read_text() for f in files):
+                pids = [int(f.read_text()) for f in files]
+        assert len(pids) == 2, "the launcher did not start its processes within 60 s"
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --- small pieces ------------------------------------------------------------------------------
