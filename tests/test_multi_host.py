@@ -128,6 +128,8 @@ def background(tmp_path_factory):
     checkpoint_dir = str(tmp_path_factory.mktemp("two_process_checkpoint"))
     out = str(tmp_path_factory.mktemp("two_process_states"))
     jobs["two_processes"] = lambda: _two_process_job(checkpoint_dir, out)
+    pid_dir = str(tmp_path_factory.mktemp("terminated_launcher"))
+    jobs["launcher_terminated"] = lambda: _terminate_a_launcher(pid_dir)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs))
     futures = {name: executor.submit(run) for name, run in jobs.items()}
 
@@ -463,28 +465,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_a_terminated_launcher_takes_its_processes_with_it(tmp_path):
-    """SIGTERM to the launcher (a scheduler cancelling the job) kills the processes it started."""
-    env = {**os.environ, "PID_DIR": str(tmp_path)}
+def _terminate_a_launcher(pid_dir: str) -> dict:
+    """Starts a launcher of two sleepers, sends it SIGTERM once both run; what was left."""
+    env = {**os.environ, "PID_DIR": pid_dir}
     launcher = subprocess.Popen([sys.executable, "-c", _TERMINATED_LAUNCHER], env=env)
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 60.0
         while len(pids) < 2 and time.monotonic() < deadline and launcher.poll() is None:
             time.sleep(0.1)
-            files = [tmp_path / name for name in ("0", "1")]
-            if all(f.exists() and f.read_text() for f in files):
-                pids = [int(f.read_text()) for f in files]
-        assert len(pids) == 2, "the launcher did not start its processes within 60 s"
+            files = [os.path.join(pid_dir, name) for name in ("0", "1")]
+            if all(os.path.exists(f) and os.path.getsize(f) for f in files):
+                pids = [int(open(f).read()) for f in files]
+        if len(pids) < 2:
+            return {"started": False}
         launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
-        assert not any(_alive(pid) for pid in pids)
+        returncode = launcher.wait(timeout=30)
+        return {"started": True, "returncode": returncode, "alive": [_alive(p) for p in pids]}
     finally:
         launcher.kill()
         launcher.wait()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_terminated_launcher_takes_its_processes_with_it(failures):
+    """SIGTERM to the launcher (a scheduler cancelling the job) kills the processes it started."""
+    result = failures["launcher_terminated"]
+    assert result["started"], "the launcher did not start its processes within 60 s"
+    assert result["returncode"] == 128 + signal.SIGTERM
+    assert result["alive"] == [False, False]
 
 
 # --- small pieces ------------------------------------------------------------------------------
