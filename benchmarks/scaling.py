@@ -589,6 +589,8 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     markers = dict(zip(METHODS, itertools.cycle("os^hDvP*Xd<>p")))
     palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
     palette += ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"]
+    # Then the light halves of tab20, so that the first 19 methods differ in colour.
+    palette += list(plt.get_cmap("tab20").colors[1::2])
     colors = dict(zip(METHODS, itertools.cycle(palette)))
     for method in settings.methods:
         points = [
