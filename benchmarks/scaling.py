@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -584,10 +585,13 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(METHODS, "os^hDvP*X", strict=True))
+    # Cycled: more methods than markers or colours repeat them in other pairs.
+    markers = dict(zip(METHODS, itertools.cycle("os^hDvP*Xd<>p")))
     palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
-    palette += ["tab:brown", "tab:pink", "tab:olive"]
-    colors = dict(zip(METHODS, palette, strict=True))
+    palette += ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"]
+    # Then the light halves of tab20, so that the first 19 methods differ in colour.
+    palette += list(plt.get_cmap("tab20").colors[1::2])
+    colors = dict(zip(METHODS, itertools.cycle(palette)))
     for method in settings.methods:
         points = [
             (r.num_tasks, ratio(results, method, r.num_tasks, "time"), r.memory_total)
@@ -706,7 +710,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"Total benchmark time: {elapsed:.0f} s.")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(results, settings, args.out / "scaling.png")
+        # The measurements first: a failing plot must not lose them.
         (args.out / "scaling.md").write_text(report + "\n")
         payload = {
             "machine": _timing.machine_info(),
@@ -714,6 +718,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             "results": [asdict(r) for r in results],
         }
         (args.out / "scaling.json").write_text(json.dumps(payload, indent=1))
+        plot(results, settings, args.out / "scaling.png")
         print(f"Wrote scaling.png, scaling.md and scaling.json to {args.out}.")
     return results
 
