@@ -165,7 +165,7 @@ def robust_famo(
        initial loss, whose log loss has stopped falling, the others get
        3e-4 to 2e-2 each and the large-loss tasks stop at 0.13-0.26 of
        their initial loss. With :math:`\alpha = 0.1` (a floor of 0.009 at
-       :math:`k = 11`) the worst task ends at 0.07-0.13 on all five seeds.
+       :math:`k = 11`) the worst task ends at 0.05-0.12 on all five seeds.
        Bounding the logits instead (projecting onto :math:`\max_j \xi_j -
        \xi_i \le \log r`) was measured and is worse: :math:`r = k` loses
        FAMO's balancing (worst task 0.49-0.58, like the mean log loss),
