@@ -17,17 +17,26 @@ from famo_jax import aggregation as aggregation
 from famo_jax import metrics as metrics
 from famo_jax import problems as problems
 from famo_jax import weighting as weighting
+from famo_jax.aggregation import CRMOGMState as CRMOGMState
 from famo_jax.aggregation import GradDropState as GradDropState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
+from famo_jax.aggregation import aligned_mtl as aligned_mtl
 from famo_jax.aggregation import cagrad as cagrad
+from famo_jax.aggregation import con_fig as con_fig
+from famo_jax.aggregation import cr_mogm as cr_mogm
+from famo_jax.aggregation import dualproj as dualproj
+from famo_jax.aggregation import fairgrad as fairgrad
 from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import imtl_g as imtl_g
+from famo_jax.aggregation import krum as krum
 from famo_jax.aggregation import mgda as mgda
 from famo_jax.aggregation import nash_mtl as nash_mtl
 from famo_jax.aggregation import pcgrad as pcgrad
 from famo_jax.aggregation import shared_trunk as shared_trunk
 from famo_jax.aggregation import task_gradients as task_gradients
+from famo_jax.aggregation import trimmed_mean as trimmed_mean
+from famo_jax.aggregation import upgrad as upgrad
 from famo_jax.weighting import DWAState as DWAState
 from famo_jax.weighting import FAMOState as FAMOState
 from famo_jax.weighting import LossWeighting as LossWeighting
@@ -52,6 +61,7 @@ UncertaintyState = UncertaintyWeightingState
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "CRMOGMState",
     "DWAState",
     "DwaState",
     "FAMOState",
@@ -65,12 +75,18 @@ __all__ = [
     "UncertaintyState",
     "UncertaintyWeightingState",
     "aggregation",
+    "aligned_mtl",
     "cagrad",
     "check_famo_losses",
+    "con_fig",
+    "cr_mogm",
+    "dualproj",
     "dwa",
+    "fairgrad",
     "famo",
     "graddrop",
     "imtl_g",
+    "krum",
     "linear_scalarization",
     "linearize_weigh",
     "loss_weights",
@@ -83,6 +99,8 @@ __all__ = [
     "scale_invariant",
     "shared_trunk",
     "task_gradients",
+    "trimmed_mean",
     "uncertainty_weighting",
+    "upgrad",
     "weighting",
 ]

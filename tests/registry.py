@@ -52,6 +52,13 @@ class Case:
       build_for_laws: a variant used by the property tests where the default
         configuration would hide an exact law behind optimizer noise (FAMO with
         SGD on its logits, say); default ``build``.
+      min_tasks: aggregators only: the fewest tasks the method accepts (Krum
+        needs ``n_byzantine + 3``, TrimmedMean ``2 trim_number + 1``); with
+        fewer, ``update`` raises a ValueError at trace time.
+      single_task_is_its_gradient: aggregators only: one task's output is its
+        gradient (times ``equal_gradients_factor``). False for methods whose
+        output is not homogeneous in the gradients (FairGrad gives
+        ``|g|^(-2 alpha / (1 + alpha)) g``).
     """
 
     name: str
@@ -65,6 +72,8 @@ class Case:
     build_with_axis_name: Callable[[int, Any], Any] | None = None
     log_losses: bool = False
     build_for_laws: Callable[[int], Any] | None = None
+    min_tasks: int = 1
+    single_task_is_its_gradient: bool = True
 
     def __str__(self) -> str:
         return self.name
@@ -130,6 +139,59 @@ AGGREGATORS: tuple[Case, ...] = (
     # Not Gram-based: it needs every task gradient entry by entry.
     Case("graddrop", AGGREGATOR, lambda k: famo_jax.graddrop(seed=0), gram_based=False),
     # --- aggregators of the peers (issue 14) ---
+    Case("upgrad", AGGREGATOR, lambda k: famo_jax.upgrad()),
+    # The exact projection: no trace threshold, no ridge.
+    Case("upgrad_exact", AGGREGATOR, lambda k: famo_jax.upgrad(norm_eps=0.0, reg_eps=0.0)),
+    Case("dualproj", AGGREGATOR, lambda k: famo_jax.dualproj()),
+    Case("aligned_mtl", AGGREGATOR, lambda k: famo_jax.aligned_mtl()),
+    Case("aligned_mtl_median", AGGREGATOR, lambda k: famo_jax.aligned_mtl(scale_mode="median")),
+    Case("con_fig", AGGREGATOR, lambda k: famo_jax.con_fig()),
+    # With k - n_byzantine - 2 = 1 neighbour, mutual nearest neighbours tie and the
+    # tie goes to the lower task index.
+    Case(
+        "krum",
+        AGGREGATOR,
+        lambda k: famo_jax.krum(n_byzantine=0),
+        min_tasks=3,
+        task_order_invariant=False,
+    ),
+    # Multi-Krum selects both members of the closest pair: no tie to break.
+    Case(
+        "multi_krum", AGGREGATOR, lambda k: famo_jax.krum(n_byzantine=0, n_selected=2), min_tasks=3
+    ),
+    # Not Gram-based: it sorts every entry.
+    Case(
+        "trimmed_mean",
+        AGGREGATOR,
+        lambda k: famo_jax.trimmed_mean(1),
+        gram_based=False,
+        min_tasks=3,
+    ),
+    # FairGrad's output is not homogeneous in the gradients: no equal-gradients law.
+    Case(
+        "fairgrad",
+        AGGREGATOR,
+        lambda k: famo_jax.fairgrad(alpha=1.0),
+        equal_gradients_factor=None,
+        single_task_is_its_gradient=False,
+    ),
+    Case(
+        "fairgrad_alpha2",
+        AGGREGATOR,
+        lambda k: famo_jax.fairgrad(alpha=2.0),
+        equal_gradients_factor=None,
+        single_task_is_its_gradient=False,
+    ),
+    Case(
+        "cr_mogm_upgrad",
+        AGGREGATOR,
+        lambda k: famo_jax.cr_mogm(k, famo_jax.aggregation.upgrad_weights),
+    ),
+    Case(
+        "cr_mogm_mgda_alpha0.5",
+        AGGREGATOR,
+        lambda k: famo_jax.cr_mogm(k, famo_jax.aggregation.mgda_weights, alpha=0.5),
+    ),
 )
 
 ALL: tuple[Case, ...] = WEIGHTINGS + AGGREGATORS

@@ -1,0 +1,176 @@
+r"""Convex quadratic programs over the non-negative orthant, in pure JAX.
+
+UPGrad's and DualProj's projections onto the dual cone of the task gradients
+(and PCD-type constrained directions) are, in the coordinates of the Gram
+matrix, problems of the form
+
+.. math::
+    \min_{x \ge 0} \; \tfrac12 x^\top H x + c^\top x ,
+
+with :math:`H = A A^\top` a Gram matrix. :func:`nonnegative_qp` solves them
+exactly (up to rounding) with the active-set method of Lawson and Hanson: the
+variables are split into a free set, on which the problem is solved without
+constraints, and a set held at zero; a variable whose gradient is negative
+enters the free set, and a free variable that would turn negative leaves it.
+Each iteration factorises one masked ``k x k`` system (``O(k^3)``); the method
+stops after finitely many iterations (in practice about as many as there are
+free variables at the solution), capped at ``3 k + 10``. The loop is a
+``jax.lax.while_loop``, so it runs under ``jit`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from famo_jax._solvers._spd import spd_factor, spd_solve
+
+
+def _masked_solve(hessian: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
+    """Solves ``H_FF x_F = rhs_F`` and returns ``x`` with zeros outside ``F``."""
+    k = hessian.shape[0]
+    both = free[:, None] & free[None, :]
+    eye = jnp.eye(k, dtype=hessian.dtype)
+    # Outside F the system is the identity, so the solve is one fixed-size Cholesky.
+    system = jnp.where(both, hessian, eye)
+    solution = spd_solve(spd_factor(system), jnp.where(free, rhs, 0.0))
+    return jnp.where(free, solution, 0.0)
+
+
+def nonnegative_qp(
+    hessian: jax.Array, linear: jax.Array, *, max_iters: int | None = None
+) -> jax.Array:
+    r"""Minimises :math:`\tfrac12 x^\top H x + c^\top x` over :math:`x \ge 0`.
+
+    Lawson and Hanson's active-set method (their NNLS algorithm, which is this
+    problem for :math:`H = A A^\top`): starting from :math:`x = 0` with no free
+    variable, repeatedly
+
+    1. if every variable held at zero has a gradient :math:`(Hx + c)_i \ge
+       -\tau`, stop (the KKT conditions hold up to the rounding tolerance
+       :math:`\tau`);
+    2. otherwise free the variable with the most negative gradient and solve
+       the problem restricted to the free set without constraints; while that
+       solution :math:`s` has a non-positive free entry, move from :math:`x`
+       towards :math:`s` until the first free entry reaches zero, hold it
+       there, and solve again.
+
+    In exact arithmetic a freed variable is positive in the next solution and
+    the free set's rows of :math:`A` stay linearly independent, so every
+    restricted system is positive definite and the method terminates. In
+    floating point a freed variable can come out non-positive when its
+    gradient was negative only by rounding; the method then stops at the
+    current point.
+
+    Args:
+      hessian: ``(k, k)`` symmetric positive semi-definite :math:`H`, finite.
+      linear: ``(k,)`` :math:`c`.
+      max_iters: cap on the iterations (one linear solve each); default
+        ``3 k + 10``.
+
+    Returns:
+      ``(k,)`` minimiser :math:`x \ge 0`, in the dtype of ``hessian``.
+    """
+    hessian = jnp.asarray(hessian)
+    k = hessian.shape[0]
+    dtype = hessian.dtype
+    linear = jnp.asarray(linear, dtype)
+    max_iters = 3 * k + 10 if max_iters is None else max_iters
+    eps = jnp.finfo(dtype).eps
+    diagonal = jnp.maximum(jnp.diagonal(hessian), 0.0)
+    root_diag = jnp.sqrt(diagonal)
+
+    def tolerance(x):
+        # Rounding level of (Hx + c)_i: |c_i| and sum_j |H_ij x_j| <= |g_i| sum_j |g_j| x_j.
+        magnitude = jnp.abs(linear) + root_diag * jnp.dot(root_diag, jnp.abs(x))
+        return 32 * k * eps * magnitude
+
+    def cond(carry):
+        it, _, _, _, done = carry
+        return (it < max_iters) & ~done
+
+    def body(carry):
+        it, x, free, entered, _ = carry
+        s = _masked_solve(hessian, -linear, free)
+        feasible = jnp.all(jnp.where(free, s > 0, True)) & jnp.all(jnp.isfinite(s))
+
+        # Feasible: move to s, then free the most violated variable held at zero.
+        gradient = hessian @ s + linear
+        violation = jnp.where(free, 0.0, -gradient - tolerance(s))
+        best = jnp.argmax(violation)
+        optimal = violation[best] <= 0
+        free_feasible = free.at[best].set(free[best] | ~optimal)
+
+        # Infeasible: step towards s until a free entry reaches zero and hold it.
+        blocking = free & (s <= 0)
+        gap = x - s  # > 0 where blocking, unless x is at zero too (then the step is 0)
+        ratios = jnp.where(
+            blocking, jnp.where(gap > 0, x / jnp.where(gap > 0, gap, 1.0), 0.0), jnp.inf
+        )
+        first = jnp.argmin(ratios)
+        step = jnp.clip(ratios[first], 0.0, 1.0)
+        x_step = jnp.where(free, x + step * (s - x), 0.0)
+        held = (~free) | (x_step <= 0) | (jnp.arange(k) == first)
+        free_infeasible = free & ~held
+        x_step = jnp.where(free_infeasible, x_step, 0.0)
+        # The variable just freed came out non-positive: its negative gradient was
+        # rounding. Stop at the last feasible point (x, before it was freed).
+        rounding = (entered >= 0) & ~feasible & (s[jnp.maximum(entered, 0)] <= 0)
+
+        x_new = jnp.where(feasible, s, jnp.where(rounding, x, x_step))
+        free_new = jnp.where(
+            feasible,
+            free_feasible,
+            jnp.where(rounding, free.at[jnp.maximum(entered, 0)].set(False), free_infeasible),
+        )
+        entered_new = jnp.where(feasible & ~optimal, best, -1).astype(jnp.int32)
+        done = (feasible & optimal) | rounding
+        return it + 1, x_new, free_new, entered_new, done
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((k,), dtype),
+        jnp.zeros((k,), bool),
+        -jnp.ones((), jnp.int32),
+        jnp.zeros((), bool),
+    )
+    _, x, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return x
+
+
+def dual_cone_weights(
+    gram: jax.Array, preferences: jax.Array, *, norm_eps: float, reg_eps: float
+) -> jax.Array:
+    r"""Weights of the projections of :math:`J^\top u` onto the dual cone of the rows of :math:`J`.
+
+    The dual cone of the task gradients is :math:`\{d : \langle g_i, d\rangle
+    \ge 0 \ \forall i\}`. By Proposition 1 of Quinton and Rey (2024), the
+    projection of :math:`J^\top u` onto it is :math:`J^\top v` with
+
+    .. math::
+        v = \arg\min_{v \ge u} v^\top A v ,
+
+    where :math:`A = J J^\top` is the Gram matrix. As in TorchJD's
+    ``QuadprogProjector``, :math:`A` is first divided by its trace (replaced by
+    zero when the trace is below ``norm_eps``) and ``reg_eps`` is added to its
+    diagonal; with :math:`v = u + x` the problem is the non-negative QP
+    :math:`\min_{x \ge 0} \tfrac12 x^\top A' x + (A' u)^\top x`
+    (:func:`nonnegative_qp`).
+
+    Args:
+      gram: ``(k, k)`` Gram matrix, finite.
+      preferences: ``(..., k)`` vectors :math:`u` (one projection each).
+      norm_eps: traces below it make the normalised Gram matrix zero.
+      reg_eps: added to the diagonal of the normalised Gram matrix.
+
+    Returns:
+      ``(..., k)`` weights :math:`v` (same shape as ``preferences``).
+    """
+    k = gram.shape[0]
+    trace = jnp.trace(gram)
+    usable = (trace >= norm_eps) & (trace > 0)
+    normalized = jnp.where(usable, gram / jnp.where(usable, trace, 1.0), 0.0)
+    hessian = normalized + reg_eps * jnp.eye(k, dtype=gram.dtype)
+    flat = preferences.reshape(-1, k)
+    excess = jax.vmap(lambda u: nonnegative_qp(hessian, hessian @ u))(flat)
+    return (flat + excess).reshape(preferences.shape)
