@@ -152,10 +152,15 @@ def dual_cone_weights(
 
     where :math:`A = J J^\top` is the Gram matrix. As in TorchJD's
     ``QuadprogProjector``, :math:`A` is first divided by its trace (replaced by
-    zero when the trace is below ``norm_eps``) and ``reg_eps`` is added to its
-    diagonal; with :math:`v = u + x` the problem is the non-negative QP
-    :math:`\min_{x \ge 0} \tfrac12 x^\top A' x + (A' u)^\top x`
-    (:func:`nonnegative_qp`).
+    zero when the trace is below ``norm_eps``, which leaves :math:`v = u`) and
+    ``reg_eps`` is added to its diagonal, giving :math:`A'`. With :math:`v = u
+    + x` the problem is the non-negative QP :math:`\min_{x \ge 0} \tfrac12
+    x^\top A' x + (A' u)^\top x`, solved by :func:`nonnegative_qp` in the
+    coordinates :math:`y_i = x_i \sqrt{A'_{ii}}`, whose matrix has a unit
+    diagonal (the cosine matrix when ``reg_eps = 0``), so that a constraint
+    counts the same whatever the norm of its gradient (the constraint of a
+    task gradient of norm 1e-15 next to one of norm 1e15 is as binding as any
+    other, though its diagonal entry of :math:`A'` underflows in float32).
 
     Args:
       gram: ``(k, k)`` Gram matrix, finite.
@@ -167,10 +172,29 @@ def dual_cone_weights(
       ``(..., k)`` weights :math:`v` (same shape as ``preferences``).
     """
     k = gram.shape[0]
-    trace = jnp.trace(gram)
+    dtype = gram.dtype
+    squared_norms = jnp.maximum(jnp.diagonal(gram), 0.0)
+    trace = jnp.sum(squared_norms)
     usable = (trace >= norm_eps) & (trace > 0)
-    normalized = jnp.where(usable, gram / jnp.where(usable, trace, 1.0), 0.0)
-    hessian = normalized + reg_eps * jnp.eye(k, dtype=gram.dtype)
+    trace = jnp.where(usable, trace, 1.0)
+    # sqrt(A'_ii) = q_i / sqrt(trace), computed without forming A'_ii (which
+    # underflows for gradients much smaller than the largest).
+    q = jnp.sqrt(squared_norms + reg_eps * trace)
+    movable = q > 0  # a zero gradient without ridge constrains nothing
+    inv_q = jnp.where(movable, 1.0 / jnp.where(movable, q, 1.0), 0.0)
+    scaled = gram * inv_q[:, None] * inv_q[None, :]
+    eye = jnp.eye(k, dtype=dtype)
+    mask = movable[:, None] & movable[None, :]
+    scaled = jnp.where(eye > 0, 1.0, jnp.where(mask, scaled, 0.0))
+    root_trace = jnp.sqrt(trace)
     flat = preferences.reshape(-1, k)
-    excess = jax.vmap(lambda u: nonnegative_qp(hessian, hessian @ u))(flat)
-    return (flat + excess).reshape(preferences.shape)
+
+    def project(u):
+        linear = jnp.where(movable, scaled @ (u * q / root_trace), 0.0)
+        y = nonnegative_qp(scaled, linear)
+        v = u + jnp.where(movable, y * root_trace * inv_q, 0.0)
+        # Below norm_eps TorchJD's matrix is reg_eps * I: v = max(u, 0) (u if no ridge).
+        fallback = jnp.maximum(u, 0.0) if reg_eps > 0 else u
+        return jnp.where(usable, v, fallback)
+
+    return jax.vmap(project)(flat).reshape(preferences.shape)
