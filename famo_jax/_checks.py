@@ -7,6 +7,7 @@ properties (shape and dtype) only, because values cannot raise under ``jit``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -83,9 +84,18 @@ def check_optimizer(
     return optimizer
 
 
-def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) -> Any:
-    """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
+def check_nonnegative(
+    name: str, value: Any, *, allow_callable: bool = False, allow_traced: bool = False
+) -> Any:
+    """Raises unless ``value`` is a finite real number >= 0 (or a schedule).
+
+    With ``allow_traced``, a traced 0-d floating array passes unchecked: what
+    ``optax.inject_hyperparams`` gives a factory inside ``jit``, where the value
+    cannot be read (it was checked when the hyperparameter was first given).
+    """
     if allow_callable and callable(value):
+        return value
+    if allow_traced and isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
         return value
     if np.ndim(value) == 0 and isinstance(value, (np.ndarray, np.generic, jax.Array)):
         # A concrete 0-d array (e.g. jnp.asarray(0.01)) is a number too; a tracer
@@ -96,7 +106,7 @@ def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
         raise TypeError(f"{name} must be {expected}, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
+    if not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
     return value
 

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 import famo_jax
@@ -38,7 +39,8 @@ class Case:
         methods that draw random numbers per task, or depend on the order).
       equal_gradients_factor: aggregators only: the output for ``k`` equal task
         gradients ``v`` is ``factor * v`` (1: the mean scale convention); None
-        when the method has no such law.
+        when the method has no such law (a single task's output is then only
+        compared in direction).
       gram_based: aggregators only: it accepts
         ``famo_jax.aggregation.ImplicitTaskGradients`` and gives the same update.
       needs_losses: aggregators only: ``update`` needs ``losses=`` (an extra
@@ -49,16 +51,24 @@ class Case:
         data-parallel checks.
       log_losses: weightings only: it takes logs of the losses, so losses at or
         below zero (``min_losses``, default 0) are invalid, like non-finite ones.
-      build_for_laws: a variant used by the property tests where the default
-        configuration would hide an exact law behind optimizer noise (FAMO with
-        SGD on its logits, say); default ``build``.
+      single_task_is_its_gradient: aggregators only: for ``k = 1`` the output is
+        the task gradient (times ``equal_gradients_factor`` when set). False for
+        methods whose output is on another scale by design (MoCo tracks
+        loss-scaled unit gradients, DB-MTL averages log-loss gradients): their
+        single-task output is then checked to be a positive multiple of the
+        gradient.
+      build_for_laws: a variant used by the property tests (of weightings and of
+        aggregators) where the default configuration would hide an exact law
+        behind optimizer noise (FAMO with SGD on its logits, say); default
+        ``build``.
+      non_negative_weights: weightings only: the effective task weights are
+        never negative. False for methods that may push a task's loss *up* by
+        design (PBI's penalty pulls the losses onto a preference ray); their
+        training check then asks that the method's own objective decreases,
+        instead of every task's loss.
       min_tasks: aggregators only: the fewest tasks the method accepts (Krum
         needs ``n_byzantine + 3``, TrimmedMean ``2 trim_number + 1``); with
         fewer, ``update`` raises a ValueError at trace time.
-      single_task_is_its_gradient: aggregators only: one task's output is its
-        gradient (times ``equal_gradients_factor``). False for methods whose
-        output is not homogeneous in the gradients (FairGrad gives
-        ``|g|^(-2 alpha / (1 + alpha)) g``).
     """
 
     name: str
@@ -71,9 +81,10 @@ class Case:
     axis_name: bool = False
     build_with_axis_name: Callable[[int, Any], Any] | None = None
     log_losses: bool = False
-    build_for_laws: Callable[[int], Any] | None = None
-    min_tasks: int = 1
     single_task_is_its_gradient: bool = True
+    build_for_laws: Callable[[int], Any] | None = None
+    non_negative_weights: bool = True
+    min_tasks: int = 1
 
     def __str__(self) -> str:
         return self.name
@@ -114,6 +125,36 @@ WEIGHTINGS: tuple[Case, ...] = (
     Case("uncertainty_weighting", WEIGHTING, famo_jax.uncertainty_weighting),
     # --- robust FAMO (issue 12) ---
     # --- loss weightings of the peers (issue 14) ---
+    Case("gls", WEIGHTING, famo_jax.gls, log_losses=True),
+    # Short phases, so that the smooth Tchebycheff phase (after 3 valid updates) is
+    # exercised by the suite's 4-step checks.
+    Case(
+        "stch",
+        WEIGHTING,
+        lambda k: famo_jax.stch(k, warmup_steps=1, nadir_steps=2),
+        log_losses=True,
+    ),
+    Case("imtl_l", WEIGHTING, famo_jax.imtl_l),
+    # A learning rate at which the scales move visibly within the suite's steps.
+    Case("imtl_l_lr0.1", WEIGHTING, lambda k: famo_jax.imtl_l(k, learning_rate=0.1)),
+    # PBI pulls the losses onto its preference ray: a task below it gets a negative
+    # weight, and its loss may rise by design.
+    Case("pbi", WEIGHTING, famo_jax.pbi, non_negative_weights=False),
+    Case(
+        "pbi_preference",
+        WEIGHTING,
+        lambda k: famo_jax.pbi(k, preference=range(1, k + 1), theta=5.0, ideal=0.01),
+        non_negative_weights=False,
+        # The preference is given per task, so permuting the tasks changes the problem.
+        task_order_invariant=False,
+    ),
+    Case(
+        "go4align",
+        WEIGHTING,
+        lambda k: famo_jax.go4align(k, num_groups=min(2, k)),
+        log_losses=True,
+    ),
+    Case("go4align_one_group", WEIGHTING, lambda k: famo_jax.go4align(k, 1), log_losses=True),
 )
 
 
@@ -130,15 +171,107 @@ AGGREGATORS: tuple[Case, ...] = (
     # PCGrad projects in a random task order by design.
     Case("pcgrad", AGGREGATOR, lambda k: famo_jax.pcgrad(seed=0), task_order_invariant=False),
     Case("imtl_g", AGGREGATOR, lambda k: famo_jax.imtl_g()),
-    Case("nash_mtl", AGGREGATOR, lambda k: famo_jax.nash_mtl(num_tasks=k)),
+    # Nash-MTL in the authors' units has an update of fixed norm 1 / sqrt(k):
+    # equal task gradients v give v / (sqrt(k) |v|), not a fixed multiple of v.
+    Case(
+        "nash_mtl",
+        AGGREGATOR,
+        lambda k: famo_jax.nash_mtl(num_tasks=k),
+        equal_gradients_factor=None,
+    ),
     Case(
         "nash_mtl_every3",
         AGGREGATOR,
         lambda k: famo_jax.nash_mtl(num_tasks=k, update_weights_every=3),
+        equal_gradients_factor=None,
+    ),
+    Case(
+        "nash_mtl_normalize_gram",
+        AGGREGATOR,
+        lambda k: famo_jax.nash_mtl(num_tasks=k, normalize_gram=True),
     ),
     # Not Gram-based: it needs every task gradient entry by entry.
     Case("graddrop", AGGREGATOR, lambda k: famo_jax.graddrop(seed=0), gram_based=False),
     # --- aggregators of the peers (issue 14) ---
+    # GradVac visits the other tasks in a random order by design.
+    Case("gradvac", AGGREGATOR, lambda k: famo_jax.gradvac(k), task_order_invariant=False),
+    # One Gram matrix per leaf: needs the stacked gradients.
+    Case(
+        "gradvac_all_matrix",
+        AGGREGATOR,
+        lambda k: famo_jax.gradvac(k, granularity="all_matrix"),
+        task_order_invariant=False,
+        gram_based=False,
+    ),
+    # The corrections on the stacked gradients themselves (LibMTL's algorithm).
+    Case(
+        "gradvac_vectors",
+        AGGREGATOR,
+        lambda k: famo_jax.gradvac(k, algorithm="vectors"),
+        task_order_invariant=False,
+        gram_based=False,
+    ),
+    # The single-batch fallback (no weight_batches). LibMTL's inner step (5) is
+    # beyond the heavy-ball's stability limit for unit-normalised Gram matrices,
+    # so the inner iterates bounce between faces of the simplex and amplify the
+    # rounding of a permuted sum (1e-7) to 2e-3 in the output; the laws are
+    # checked with a step the inner iteration converges with.
+    Case(
+        "sdmgrad",
+        AGGREGATOR,
+        lambda k: famo_jax.sdmgrad(k),
+        build_for_laws=lambda k: famo_jax.sdmgrad(k, learning_rate=0.5),
+    ),
+    Case("modo", AGGREGATOR, lambda k: famo_jax.modo(k)),
+    Case("modo_gamma0.1", AGGREGATOR, lambda k: famo_jax.modo(k, gamma=0.1)),
+    # O(k m) state (tracked gradients); the output is a convex combination of
+    # loss-scaled unit gradients, not on the gradients' scale.
+    Case(
+        "moco",
+        AGGREGATOR,
+        lambda k: famo_jax.moco(k),
+        equal_gradients_factor=None,
+        gram_based=False,
+        needs_losses=True,
+        single_task_is_its_gradient=False,
+    ),
+    # O(k m) state (squared-gradient sums).
+    Case("excess_mtl", AGGREGATOR, lambda k: famo_jax.excess_mtl(k), gram_based=False),
+    Case(
+        "excess_mtl_step1",
+        AGGREGATOR,
+        lambda k: famo_jax.excess_mtl(k, robust_step_size=1.0),
+        gram_based=False,
+    ),
+    # O(k m) state (averaged log-loss gradients), on the log-loss gradients' scale.
+    Case(
+        "db_mtl",
+        AGGREGATOR,
+        lambda k: famo_jax.db_mtl(k),
+        equal_gradients_factor=None,
+        gram_based=False,
+        needs_losses=True,
+        single_task_is_its_gradient=False,
+    ),
+    # Norms over every aggregated leaf (LibMTL's choice): Gram-based.
+    Case("gradnorm", AGGREGATOR, lambda k: famo_jax.gradnorm(k), needs_losses=True),
+    # The paper's last shared layer (here the leaf named "w" or "trunk"), after a
+    # one-step warm-up, with a larger step so that the weights move.
+    Case(
+        "gradnorm_last_layer",
+        AGGREGATOR,
+        lambda k: famo_jax.gradnorm(
+            k,
+            learning_rate=0.05,
+            warmup_steps=1,
+            last_shared_layer=lambda tree: jax.tree_util.tree_map_with_path(
+                lambda path, _: path[-1].key in ("w", "trunk"), tree
+            ),
+        ),
+        gram_based=False,
+        needs_losses=True,
+    ),
+    # --- breadth_a: TorchJD's dual-cone, robust and FairGrad aggregators ---
     Case("upgrad", AGGREGATOR, lambda k: famo_jax.upgrad()),
     # The exact projection: no trace threshold, no ridge.
     Case("upgrad_exact", AGGREGATOR, lambda k: famo_jax.upgrad(norm_eps=0.0, reg_eps=0.0)),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import famo_jax
 from famo_jax import aggregation
 from famo_jax.aggregation._cagrad import _dual_weights as cagrad_dual_weights
+from tests._compat import enable_x64
 from tests.aggregation._flat import (
     PROPERTY_SETTINGS,
     K,
@@ -76,7 +77,7 @@ def test_cagrad_equals_the_authors_g_in_float64(rescale):
     # Their code run to convergence (a tight SLSQP tolerance) gives our output.
     for seed in range(3):
         flat = cagrad_inputs(seed)
-        with jax.enable_x64(True):
+        with enable_x64(True):
             tx, update = jitted("cagrad", c=C, rescale=rescale)
             out, _ = update(from_flat(flat, np.float64), tx.init(None))
             out = flat_output(out)

@@ -61,9 +61,15 @@ def test_graddrop_agreeing_entries_leaks_and_scale():
     np.testing.assert_allclose(
         aggregate("graddrop", flat, leak=1.0)[0], grads.mean(axis=0), rtol=1e-6
     )
-    # Task 0 fully leaks: where its entry was dropped, g_0 / k comes back.
-    leaky, _ = aggregate("graddrop", flat, leak=(1.0, 0.0, 0.0, 0.0, 0.0), seed=0)
-    restored = ~np.isclose(leaky, out, rtol=1e-6, atol=0)
+    # Task 0 fully leaks: where its entry was dropped, g_0 / k comes back. The
+    # first seed whose draws drop one of task 0's entries (JAX's random streams
+    # differ between versions).
+    for seed in range(20):
+        out, _ = aggregate("graddrop", flat, seed=seed)
+        leaky, _ = aggregate("graddrop", flat, leak=(1.0, 0.0, 0.0, 0.0, 0.0), seed=seed)
+        restored = ~np.isclose(leaky, out, rtol=1e-6, atol=0)
+        if np.any(restored):
+            break
     assert np.any(restored)
     np.testing.assert_allclose((leaky - out)[restored], grads[0][restored] / K, rtol=1e-4)
 

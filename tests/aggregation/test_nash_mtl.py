@@ -19,12 +19,15 @@ from tests.aggregation._flat import (
 )
 
 # ---------------------------------------------------------------------------
-# Nash-MTL: alpha with (A / |A|_F) alpha = 1 / alpha, by scipy; output sum_i alpha_i g_i.
+# Nash-MTL: alpha with A alpha = 1 / alpha for the raw Gram matrix A = G G^T (the
+# authors' units), by scipy on A / |A|_F (whose solution is sqrt(|A|_F) alpha);
+# output sum_i alpha_i g_i / k.
 
 
-def nash_alpha(grads):
+def nash_alpha(grads, normalize_gram=False):
     gram = grads @ grads.T
-    gram = gram / np.linalg.norm(gram)
+    frobenius = np.linalg.norm(gram)
+    gram = gram / frobenius
 
     def phi(y):  # log-parametrised, alpha = exp(y)
         alpha = np.exp(y)
@@ -37,7 +40,7 @@ def nash_alpha(grads):
         method="BFGS",
         options={"gtol": 1e-10},
     )
-    return np.exp(result.x)
+    return np.exp(result.x) / (1.0 if normalize_gram else np.sqrt(frobenius))
 
 
 def test_nash_mtl_equals_the_bargaining_solution_in_the_authors_units():
@@ -54,10 +57,45 @@ def test_nash_mtl_equals_the_bargaining_solution_in_the_authors_units():
         np.testing.assert_allclose(
             flat_output(out), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max()
         )
-        # The bargaining property: alpha_i <g_i, d> is the same for every task.
-        inner = alpha * (grads @ reference)
-        np.testing.assert_allclose(inner, inner[0], rtol=1e-3)
+        # The bargaining property in the authors' units: alpha_i <g_i, d> = 1 for
+        # every task, so |d| = sqrt(k) in the sum convention.
+        np.testing.assert_allclose(alpha * (grads @ reference), 1.0, rtol=1e-4)
+        assert np.linalg.norm(flat_output(out)) == pytest.approx(np.sqrt(K), rel=1e-4)
     assert int(state[0].num_updates) == 3 and int(state[0].num_skipped) == 0
+
+
+def test_nash_mtl_scale_of_the_authors_and_of_the_normalised_gram():
+    # Gradients scaled by s: the authors' alpha scales by 1 / s and the update
+    # does not change; with normalize_gram the weights do not change and the
+    # update scales by s. Both point the same way.
+    flat = random_flat(7) * np.array([1.0, 0.3, 3.0, 1.0, 0.1])[:, None]
+    for scale in (1e-3, 1.0, 1e3):
+        scaled = flat * scale
+        raw, raw_state = aggregate("nash_mtl", scaled, num_tasks=K)
+        normalized, normalized_state = aggregate(
+            "nash_mtl", scaled, num_tasks=K, normalize_gram=True
+        )
+        grads = as_float32(scaled)
+        np.testing.assert_allclose(raw_state.alpha, nash_alpha(grads), rtol=1e-4)
+        np.testing.assert_allclose(
+            normalized_state.alpha, nash_alpha(grads, normalize_gram=True), rtol=1e-4
+        )
+        assert np.linalg.norm(raw) == pytest.approx(1 / np.sqrt(K), rel=1e-4)
+        frobenius = np.linalg.norm(grads @ grads.T)
+        np.testing.assert_allclose(normalized, np.sqrt(frobenius) * raw, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            normalized_state.alpha, np.sqrt(frobenius) * raw_state.alpha, rtol=1e-4
+        )
+
+
+def test_nash_mtl_with_one_task_is_the_unit_task_gradient():
+    flat = 3.0 * random_flat(8, k=1)
+    out, state = aggregate("nash_mtl", flat, num_tasks=1)
+    norm = np.linalg.norm(as_float32(flat))
+    np.testing.assert_allclose(out, as_float32(flat)[0] / norm, rtol=1e-5)
+    np.testing.assert_allclose(state.alpha, [1 / norm], rtol=1e-5)
+    out, _ = aggregate("nash_mtl", flat, num_tasks=1, normalize_gram=True)
+    np.testing.assert_allclose(out, as_float32(flat)[0], rtol=1e-5)
 
 
 def test_nash_mtl_keeps_the_previous_weights_when_there_is_no_solution():
@@ -107,6 +145,8 @@ def test_nash_mtl_without_num_tasks_and_its_options():
         famo_jax.nash_mtl(num_tasks=2, update_weights_every=0)
     with pytest.raises(TypeError, match="max_iters"):
         famo_jax.nash_mtl(max_iters=1.5)
+    with pytest.raises(TypeError, match="normalize_gram"):
+        famo_jax.nash_mtl(normalize_gram="yes")
     tx = famo_jax.nash_mtl(num_tasks=K + 1)
     with pytest.raises(ValueError, match="num_tasks"):
         tx.update(from_flat(flat), tx.init(None))

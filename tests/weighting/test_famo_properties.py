@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import famo_jax
+from tests._compat import enable_x64
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 TASK_COUNTS = (1, 2, 3, 5)
@@ -92,7 +93,7 @@ def test_update_is_invariant_to_scaling_each_tasks_losses(problem, data):
         atol=1e-5,
     )
     # eps = 0 with the default optimizer, in float64.
-    with jax.enable_x64(True):
+    with enable_x64(True):
         weighting = famo_jax.famo(k, eps=0.0, logits_dtype=jnp.float64)
         state = state_with(weighting, logits, jnp.float64)
         chex.assert_trees_all_close(
@@ -138,7 +139,7 @@ def test_permutation_equivariance(problem, rng):
         famo_jax.loss_weights(weighting, losses, state)[perm],
         rtol=1e-6,
     )
-    with jax.enable_x64(True):
+    with enable_x64(True):
         weighting = famo_jax.famo(k, min_losses=min_losses, logits_dtype=jnp.float64)
         permuted_weighting = famo_jax.famo(k, min_losses=min_losses[perm], logits_dtype=jnp.float64)
         state = state_with(weighting, logits, jnp.float64)
