@@ -51,14 +51,14 @@ def con_fig_weights(
     gram, k = _solvers.check_gram(gram)
     pref = _preferences.preferences(_preferences.check_pref_vector(pref_vector), k, gram.dtype, 1.0)
     eps = jnp.finfo(gram.dtype).eps
-    rtol = jnp.sqrt(k * eps) if rtol is None else float(_checks.check_nonnegative("rtol", rtol))
+    cut_off = jnp.sqrt(k * eps) if rtol is None else float(_checks.check_nonnegative("rtol", rtol))
     safe = _numerics.finite_or_identity(gram)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(safe), 0.0))
     nonzero = norms > 0
     inv_norms = jnp.where(nonzero, 1.0 / jnp.where(nonzero, norms, 1.0), 0.0)
     cosines = safe * inv_norms[:, None] * inv_norms[None, :]
     eigenvalues, vectors = jnp.linalg.eigh(0.5 * (cosines + cosines.T))
-    kept = eigenvalues > (rtol**2) * jnp.max(eigenvalues)
+    kept = eigenvalues > (cut_off**2) * jnp.max(eigenvalues)
     inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
     beta = inv_norms * (vectors @ (inverse * (vectors.T @ pref)))
     gram_beta = safe @ beta
