@@ -16,7 +16,10 @@ step (median over repeats after warm-up, ``block_until_ready`` after each call):
 - ``FAMO same-batch``: the authors' mode: after the model step, the losses are
   re-computed on the same batch (one extra forward pass, no gradient) and
   ``update(prev, curr)`` is called.
-- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``: gradient
+- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``, ``UPGrad``,
+  ``DualProj``, ``Aligned-MTL``, ``ConFIG``, ``FairGrad``, ``Krum``
+  (``n_byzantine=0``, from k = 3), ``TrimmedMean`` (``trim_number=1``, from
+  k = 3), ``CR-MOGM (UPGrad)``: gradient
   aggregators (their default hyperparameters): the per-task gradients of the
   shared trunk (``famo_jax.task_gradients``, i.e. ``jax.jacrev`` of the loss
   vector: one forward pass and k vectorised backward passes, stacked on a
@@ -70,14 +73,27 @@ FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
 LOSS_WEIGHTINGS = ("LS", "FAMO lagged", "FAMO same-batch")
 # Display name -> factory of the O(k) methods (the floor is defined below).
-AGGREGATORS: dict[str, Callable[[], optax.GradientTransformation]] = {
+AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "O(k) floor": lambda: floor_aggregator(),
     "CAGrad": famo_jax.cagrad,
     "MGDA": famo_jax.mgda,
     "PCGrad": famo_jax.pcgrad,
     "IMTL-G": famo_jax.imtl_g,
     "Nash-MTL": famo_jax.nash_mtl,
+    # TorchJD's aggregators and FairGrad (issue 14, breadth_a), defaults as in TorchJD.
+    "UPGrad": famo_jax.upgrad,
+    "DualProj": famo_jax.dualproj,
+    "Aligned-MTL": famo_jax.aligned_mtl,
+    "ConFIG": famo_jax.con_fig,
+    "FairGrad": famo_jax.fairgrad,
+    "Krum": lambda: famo_jax.krum(n_byzantine=0),
+    "TrimmedMean": lambda: famo_jax.trimmed_mean(1),
+    "CR-MOGM (UPGrad)": lambda num_tasks: famo_jax.cr_mogm(num_tasks, aggregation.upgrad_weights),
 }
+# Factories called with the number of tasks (their state has one entry per task).
+TAKES_NUM_TASKS = frozenset({"CR-MOGM (UPGrad)"})
+# The fewest tasks a method accepts: below, it is skipped at that k only.
+MIN_TASKS = {"Krum": 3, "TrimmedMean": 3}
 METHODS = LOSS_WEIGHTINGS + tuple(AGGREGATORS)
 
 
@@ -279,7 +295,7 @@ def make_aggregator(name: str) -> Callable:
     factory = AGGREGATORS[name]
 
     def make(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
-        aggregator = factory()
+        aggregator = factory(y.shape[1]) if name in TAKES_NUM_TASKS else factory()
 
         def step(carry, x, y):
             params, opt_state, agg_state = carry
@@ -357,6 +373,8 @@ def _skip_reason(
     """Why an aggregator is not measured at this k (predicted over a budget), or None."""
     if method not in AGGREGATORS:
         return None
+    if num_tasks < MIN_TASKS.get(method, 1):
+        return f"needs k >= {MIN_TASKS[method]}"
     grads_bytes = 4 * num_tasks * settings.model.trunk_params
     if grads_bytes > settings.memory_budget_bytes:
         return f"per-task gradients {_timing.format_bytes(grads_bytes)} > memory budget"
@@ -437,7 +455,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                 entry = _compile(result, factories[method], params, x, y, settings)
                 if entry is not None:
                     compiled[method] = entry
-            if result.skipped is not None and method in AGGREGATORS:
+            too_few_tasks = num_tasks < MIN_TASKS.get(method, 1)
+            if result.skipped is not None and method in AGGREGATORS and not too_few_tasks:
                 skip_from[method] = result.skipped
         for method, values in _time_row(compiled, x, y, settings, num_tasks).items():
             row[method].times = values
