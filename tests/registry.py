@@ -54,7 +54,8 @@ class Case:
       single_task_is_its_gradient: aggregators only: for ``k = 1`` the output is
         the task gradient (times ``equal_gradients_factor`` when set). False for
         methods whose output is on another scale by design (MoCo tracks
-        loss-scaled unit gradients, DB-MTL averages log-loss gradients): their
+        loss-scaled unit gradients, DB-MTL averages log-loss gradients, FairGrad
+        gives ``|g|^(-2 alpha / (1 + alpha)) g``): their
         single-task output is then checked to be a positive multiple of the
         gradient.
       build_for_laws: a variant used by the property tests (of weightings and of
