@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -572,10 +573,12 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(METHODS, "os^hDvP*X", strict=True))
+    markers = dict(zip(METHODS, itertools.cycle("os^hDvP*X")))
     palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
     palette += ["tab:brown", "tab:pink", "tab:olive"]
-    colors = dict(zip(METHODS, palette, strict=True))
+    # More methods than named colours: the rest from tab20b's distinct shades.
+    palette += [plt.get_cmap("tab20b")(i) for i in range(0, 20, 2)]
+    colors = dict(zip(METHODS, itertools.cycle(palette)))
     for method in settings.methods:
         points = [
             (r.num_tasks, ratio(results, method, r.num_tasks, "time"), r.memory_total)
