@@ -23,23 +23,69 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from famo_jax._solvers._spd import spd_factor, spd_solve
+# The factorisation and the triangular solves are written with XLA's own ops
+# (k static steps of a fori_loop each) rather than jnp.linalg.cholesky and
+# cho_solve: on the CPU those are LAPACK custom calls that, under vmap, split
+# their batch over XLA's intra-op thread pool and block a pool thread until the
+# parts are done. Two such calls running at once (a while loop's body has
+# independent ones) deadlocked a 2-core machine: both pool threads waited for
+# work queued behind them. The QPs here are k x k with small k, so the loops
+# cost little.
+
+
+def _cholesky(matrix: jax.Array, ridge: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of ``matrix + ridge I``, pivots floored at ``ridge``."""
+    k = matrix.shape[0]
+    index = jnp.arange(k)
+
+    def column(j, lower):
+        # Columns >= j of `lower` are still zero: lower @ lower[j] sums over p < j.
+        residual = matrix[:, j] - lower @ lower[j]
+        pivot = jnp.sqrt(jnp.maximum(residual[j] + ridge, ridge))
+        values = jnp.where(index > j, residual / pivot, jnp.where(index == j, pivot, 0.0))
+        return lower.at[:, j].set(values)
+
+    return jax.lax.fori_loop(0, k, column, jnp.zeros_like(matrix))
+
+
+def _cholesky_solve(lower: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solves ``L L^T x = rhs`` by forward and backward substitution."""
+    k = lower.shape[0]
+
+    def forward(i, y):
+        return y.at[i].set((rhs[i] - lower[i] @ y) / lower[i, i])
+
+    y = jax.lax.fori_loop(0, k, forward, jnp.zeros_like(rhs))
+
+    def backward(step, x):
+        i = k - 1 - step
+        return x.at[i].set((y[i] - lower[:, i] @ x) / lower[i, i])
+
+    return jax.lax.fori_loop(0, k, backward, jnp.zeros_like(rhs))
 
 
 def _masked_solve(hessian: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
     """Solves ``H_FF x_F = rhs_F`` and returns ``x`` with zeros outside ``F``."""
     k = hessian.shape[0]
+    dtype = hessian.dtype
     both = free[:, None] & free[None, :]
-    eye = jnp.eye(k, dtype=hessian.dtype)
-    # Outside F the system is the identity, so the solve is one fixed-size Cholesky.
+    eye = jnp.eye(k, dtype=dtype)
+    # Outside F the system is the identity, so the solve is one fixed-size Cholesky,
+    # of the unit-diagonal rescaling D^-1/2 H D^-1/2 (diagonals spanning many
+    # orders of magnitude would otherwise decide the pivots).
     system = jnp.where(both, hessian, eye)
-    rhs = jnp.where(free, rhs, 0.0)
-    factor = spd_factor(system)
-    solution = spd_solve(factor, rhs)
-    # One step of iterative refinement removes the bias of spd_factor's ridge
-    # (a relative 16 eps on every entry otherwise).
-    solution = solution + spd_solve(factor, rhs - system @ solution)
-    return jnp.where(free, solution, 0.0)
+    root_diag = jnp.sqrt(jnp.maximum(jnp.diagonal(system), jnp.finfo(dtype).tiny))
+    scaled = system / root_diag[:, None] / root_diag[None, :]
+    scaled = 0.5 * (scaled + scaled.T)
+    # A ridge of a few ulps absorbs rounding that makes a semi-definite block look
+    # indefinite; floored pivots keep nearly dependent free rows finite.
+    lower = _cholesky(scaled, 16 * jnp.finfo(dtype).eps)
+    rhs = jnp.where(free, rhs, 0.0) / root_diag
+    solution = _cholesky_solve(lower, rhs)
+    # One step of iterative refinement removes the bias of the ridge (a relative
+    # 16 eps on every entry otherwise).
+    solution = solution + _cholesky_solve(lower, rhs - scaled @ solution)
+    return jnp.where(free, solution / root_diag, 0.0)
 
 
 def nonnegative_qp(
