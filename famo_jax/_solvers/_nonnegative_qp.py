@@ -64,28 +64,37 @@ def _cholesky_solve(lower: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, k, backward, jnp.zeros_like(rhs))
 
 
-def _masked_solve(hessian: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
-    """Solves ``H_FF x_F = rhs_F`` and returns ``x`` with zeros outside ``F``."""
-    k = hessian.shape[0]
-    dtype = hessian.dtype
-    both = free[:, None] & free[None, :]
-    eye = jnp.eye(k, dtype=dtype)
-    # Outside F the system is the identity, so the solve is one fixed-size Cholesky,
-    # of the unit-diagonal rescaling D^-1/2 H D^-1/2 (diagonals spanning many
-    # orders of magnitude would otherwise decide the pivots).
-    system = jnp.where(both, hessian, eye)
-    root_diag = jnp.sqrt(jnp.maximum(jnp.diagonal(system), jnp.finfo(dtype).tiny))
-    scaled = system / root_diag[:, None] / root_diag[None, :]
+def spd_solve_in_xla_ops(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solves a small symmetric positive (semi-)definite system without LAPACK.
+
+    The Cholesky factor of the unit-diagonal rescaling ``D^-1/2 M D^-1/2`` (a
+    ridge of 16 eps, pivots floored at it), two triangular solves and one step
+    of iterative refinement, all in XLA ops (see above why not LAPACK).
+    """
+    dtype = matrix.dtype
+    root_diag = jnp.sqrt(jnp.maximum(jnp.diagonal(matrix), jnp.finfo(dtype).tiny))
+    scaled = matrix / root_diag[:, None] / root_diag[None, :]
     scaled = 0.5 * (scaled + scaled.T)
     # A ridge of a few ulps absorbs rounding that makes a semi-definite block look
-    # indefinite; floored pivots keep nearly dependent free rows finite.
+    # indefinite; floored pivots keep nearly dependent rows finite.
     lower = _cholesky(scaled, 16 * jnp.finfo(dtype).eps)
-    rhs = jnp.where(free, rhs, 0.0) / root_diag
+    rhs = rhs / root_diag
     solution = _cholesky_solve(lower, rhs)
     # One step of iterative refinement removes the bias of the ridge (a relative
     # 16 eps on every entry otherwise).
     solution = solution + _cholesky_solve(lower, rhs - scaled @ solution)
-    return jnp.where(free, solution / root_diag, 0.0)
+    return solution / root_diag
+
+
+def _masked_solve(hessian: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
+    """Solves ``H_FF x_F = rhs_F`` and returns ``x`` with zeros outside ``F``."""
+    k = hessian.shape[0]
+    both = free[:, None] & free[None, :]
+    eye = jnp.eye(k, dtype=hessian.dtype)
+    # Outside F the system is the identity, so the solve is one fixed-size Cholesky.
+    system = jnp.where(both, hessian, eye)
+    solution = spd_solve_in_xla_ops(system, jnp.where(free, rhs, 0.0))
+    return jnp.where(free, solution, 0.0)
 
 
 def nonnegative_qp(

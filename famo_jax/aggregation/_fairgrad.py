@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from famo_jax import _checks, _numerics, _solvers
-from famo_jax._solvers import spd_factor, spd_solve
+from famo_jax._solvers import spd_solve_in_xla_ops
 from famo_jax.aggregation import _base
 
 FAIRGRAD_MAX_ITERS = 100
@@ -113,7 +113,9 @@ def fairgrad_weights(
         grad = quadratic @ z - barrier * z ** (-1.0 / alpha)
         curvature = barrier / alpha * z ** (-1.0 / alpha - 1.0)
         hessian = quadratic + jnp.diag(curvature + inactive)
-        newton = -spd_solve(spd_factor(hessian), grad)
+        # Not spd_factor: two batched LAPACK Cholesky calls at once can deadlock
+        # XLA's CPU thread pool under vmap (see famo_jax._solvers._nonnegative_qp).
+        newton = -spd_solve_in_xla_ops(hessian, grad)
         newton = jnp.where(active, newton, 0.0)
         slope = jnp.dot(grad, newton)
         # Largest step keeping z > 0, then halvings until F decreases enough (Armijo).
