@@ -16,11 +16,14 @@ step (median over repeats after warm-up, ``block_until_ready`` after each call):
 - ``FAMO same-batch``: the authors' mode: after the model step, the losses are
   re-computed on the same batch (one extra forward pass, no gradient) and
   ``update(prev, curr)`` is called.
-- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``, ``UPGrad``,
-  ``DualProj``, ``Aligned-MTL``, ``ConFIG``, ``FairGrad``, ``Krum``
-  (``n_byzantine=0``, from k = 3), ``TrimmedMean`` (``trim_number=1``, from
-  k = 3), ``CR-MOGM (UPGrad)``: gradient
-  aggregators (their default hyperparameters): the per-task gradients of the
+- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``, ``DB-MTL``,
+  ``ExcessMTL``, ``GradNorm`` (on the trunk's last layer), ``GradVac``,
+  ``MoCo``, ``MoDo`` and ``SDMGrad`` (both with the weights from the step's own
+  Gram matrix, their single-batch mode), ``UPGrad``, ``DualProj``,
+  ``Aligned-MTL``, ``ConFIG``, ``FairGrad``, ``Krum`` (``n_byzantine=0``, from
+  k = 3), ``TrimmedMean`` (``trim_number=1``, from k = 3), ``CR-MOGM (UPGrad)``:
+  gradient aggregators (their default hyperparameters; the step's losses as
+  ``losses=``): the per-task gradients of the
   shared trunk (``famo_jax.task_gradients``, i.e. ``jax.jacrev`` of the loss
   vector: one forward pass and k vectorised backward passes, stacked on a
   leading task axis) are combined by the aggregator; the heads get the gradient
@@ -73,7 +76,21 @@ from famo_jax import aggregation
 FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
 LOSS_WEIGHTINGS = ("LS", "FAMO lagged", "FAMO same-batch")
-# Display name -> factory of the O(k) methods (the floor is defined below).
+
+
+def of_num_tasks(
+    build: Callable[[int], optax.GradientTransformation],
+) -> Callable[[int], optax.GradientTransformation]:
+    """Marks an ``AGGREGATORS`` factory that takes the number of tasks."""
+    build.takes_num_tasks = True  # type: ignore[attr-defined]
+    return build
+
+
+# The paper's last shared layer: the trunk's second (last) linear layer.
+TRUNK_LAST_LAYER = {"w1": False, "b1": False, "w2": True, "b2": True}
+
+# Display name -> factory of the O(k) methods (the floor is defined below): no
+# argument, or the number of tasks for those marked with ``of_num_tasks``.
 AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "O(k) floor": lambda: floor_aggregator(),
     "CAGrad": famo_jax.cagrad,
@@ -81,6 +98,14 @@ AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "PCGrad": famo_jax.pcgrad,
     "IMTL-G": famo_jax.imtl_g,
     "Nash-MTL": famo_jax.nash_mtl,
+    # LibMTL's and TorchJD's (issue 14); MoDo and SDMGrad in their single-batch mode.
+    "DB-MTL": of_num_tasks(famo_jax.db_mtl),
+    "ExcessMTL": of_num_tasks(famo_jax.excess_mtl),
+    "GradNorm": of_num_tasks(lambda k: famo_jax.gradnorm(k, last_shared_layer=TRUNK_LAST_LAYER)),
+    "GradVac": of_num_tasks(famo_jax.gradvac),
+    "MoCo": of_num_tasks(famo_jax.moco),
+    "MoDo": of_num_tasks(famo_jax.modo),
+    "SDMGrad": of_num_tasks(famo_jax.sdmgrad),
     # TorchJD's aggregators and FairGrad (issue 14, breadth_a), defaults as in TorchJD.
     "UPGrad": famo_jax.upgrad,
     "DualProj": famo_jax.dualproj,
@@ -89,10 +114,8 @@ AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "FairGrad": famo_jax.fairgrad,
     "Krum": lambda: famo_jax.krum(n_byzantine=0),
     "TrimmedMean": lambda: famo_jax.trimmed_mean(1),
-    "CR-MOGM (UPGrad)": lambda num_tasks: famo_jax.cr_mogm(num_tasks, aggregation.upgrad_weights),
+    "CR-MOGM (UPGrad)": of_num_tasks(lambda k: famo_jax.cr_mogm(k, aggregation.upgrad_weights)),
 }
-# Factories called with the number of tasks (their state has one entry per task).
-TAKES_NUM_TASKS = frozenset({"CR-MOGM (UPGrad)"})
 # The fewest tasks a method accepts: below, it is skipped at that k only.
 MIN_TASKS = {"Krum": 3, "TrimmedMean": 3}
 METHODS = LOSS_WEIGHTINGS + tuple(AGGREGATORS)
@@ -296,14 +319,20 @@ def make_aggregator(name: str) -> Callable:
     factory = AGGREGATORS[name]
 
     def make(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
-        aggregator = factory(y.shape[1]) if name in TAKES_NUM_TASKS else factory()
+        num_tasks = y.shape[1]
+        built = factory(num_tasks) if getattr(factory, "takes_num_tasks", False) else factory()
+        # Every aggregator gets the step's losses (MoCo, DB-MTL and GradNorm read them).
+        aggregator = optax.with_extra_args_support(built)
 
         def step(carry, x, y):
             params, opt_state, agg_state = carry
             task_grads, feats = trunk_task_gradients(params, x, y)
+            losses = head_losses(params["heads"], feats, y)
             # Each head only affects its own task: its gradient is that of the mean loss.
             head_grads = jax.grad(lambda h: jnp.mean(head_losses(h, feats, y)))(params["heads"])
-            trunk_grads, agg_state = aggregator.update(task_grads, agg_state, params["trunk"])
+            trunk_grads, agg_state = aggregator.update(
+                task_grads, agg_state, params["trunk"], losses=losses
+            )
             grads = {"trunk": trunk_grads, "heads": head_grads}
             params, opt_state = _apply(params, opt_state, grads)
             return params, opt_state, agg_state
@@ -573,11 +602,12 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(METHODS, itertools.cycle("os^hDvP*X")))
+    # Cycled: more methods than markers or colours repeat them in other pairs.
+    markers = dict(zip(METHODS, itertools.cycle("os^hDvP*Xd<>p")))
     palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
-    palette += ["tab:brown", "tab:pink", "tab:olive"]
-    # More methods than named colours: the rest from tab20b's distinct shades.
-    palette += [plt.get_cmap("tab20b")(i) for i in range(0, 20, 2)]
+    palette += ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"]
+    # Then the light halves of tab20, so that the first 19 methods differ in colour.
+    palette += list(plt.get_cmap("tab20").colors[1::2])
     colors = dict(zip(METHODS, itertools.cycle(palette)))
     for method in settings.methods:
         points = [
@@ -697,7 +727,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"Total benchmark time: {elapsed:.0f} s.")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(results, settings, args.out / "scaling.png")
+        # The measurements first: a failing plot must not lose them.
         (args.out / "scaling.md").write_text(report + "\n")
         payload = {
             "machine": _timing.machine_info(),
@@ -705,6 +735,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             "results": [asdict(r) for r in results],
         }
         (args.out / "scaling.json").write_text(json.dumps(payload, indent=1))
+        plot(results, settings, args.out / "scaling.png")
         print(f"Wrote scaling.png, scaling.md and scaling.json to {args.out}.")
     return results
 
