@@ -223,6 +223,8 @@ class Method:
       reseed: ``(state, key) -> state`` that makes a method's random state
         depend on the seed, for methods with a PRNG key in their state (so the
         vmapped seeds are independent runs); None for the others.
+      min_tasks: the fewest tasks the method accepts (Krum and TrimmedMean need
+        3): on a benchmark with fewer, its row is left out (and the run says so).
       takes_context: whether ``build`` takes a third argument, the run's
         :class:`RunContext` (for methods whose settings follow the training
         schedule: epochs counted in steps, the model's learning rate).
@@ -235,6 +237,7 @@ class Method:
     build: Callable[..., Any] | None = None
     update: str = "step"
     reseed: Callable[[Any, jax.Array], Any] | None = None
+    min_tasks: int = 1
     takes_context: bool = False
     note: str = ""
 
@@ -353,6 +356,19 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         Method("MoCo", "aggregator", lambda k, key: fj.moco(k)),
         Method("MoDo", "aggregator", lambda k, key: fj.modo(k), note=single_batch),
         Method("SDMGrad", "aggregator", lambda k, key: fj.sdmgrad(k), note=single_batch),
+        # TorchJD's aggregators and FairGrad (issue 14, breadth_a), defaults as in TorchJD.
+        Method("UPGrad", "aggregator", lambda k, key: fj.upgrad()),
+        Method("DualProj", "aggregator", lambda k, key: fj.dualproj()),
+        Method("Aligned-MTL", "aggregator", lambda k, key: fj.aligned_mtl()),
+        Method("ConFIG", "aggregator", lambda k, key: fj.con_fig()),
+        Method("FairGrad", "aggregator", lambda k, key: fj.fairgrad(alpha=1.0)),
+        Method("Krum", "aggregator", lambda k, key: fj.krum(n_byzantine=1), min_tasks=4),
+        Method("TrimmedMean", "aggregator", lambda k, key: fj.trimmed_mean(1), min_tasks=3),
+        Method(
+            "CR-MOGM (UPGrad)",
+            "aggregator",
+            lambda k, key: fj.cr_mogm(k, fj.aggregation.upgrad_weights),
+        ),
         Method("FAMO", "weighting", famo_build, "same_batch"),
         Method("FAMO-lagged", "weighting", famo_build, "lagged"),
         # robust_famo with its defaults (nothing to tune: see docs/which_famo.md).
@@ -814,6 +830,9 @@ def run_benchmark(
                 methods.update(famo_gamma_variants(g, famo_lr))
     results = {}
     for name, method in methods.items():
+        if len(bench.task_names) < method.min_tasks:
+            log(f"  {bench.name:<16} {name:<24} left out: needs {method.min_tasks} tasks")
+            continue
         result = train_method(bench, method, cfg)
         results[name] = result
         log(
