@@ -22,6 +22,8 @@ from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
 from famo_jax.aggregation import cagrad as cagrad
 from famo_jax.aggregation import graddrop as graddrop
+from famo_jax.aggregation import gramian_plan as gramian_plan
+from famo_jax.aggregation import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import mgda as mgda
 from famo_jax.aggregation import nash_mtl as nash_mtl
@@ -70,6 +72,8 @@ __all__ = [
     "dwa",
     "famo",
     "graddrop",
+    "gramian_plan",
+    "gramian_task_gradients",
     "imtl_g",
     "linear_scalarization",
     "linearize_weigh",

@@ -20,6 +20,8 @@ from famo_jax.aggregation._cagrad import cagrad as cagrad
 from famo_jax.aggregation._cagrad import cagrad_weights as cagrad_weights
 from famo_jax.aggregation._graddrop import GradDropState as GradDropState
 from famo_jax.aggregation._graddrop import graddrop as graddrop
+from famo_jax.aggregation._gramian import gramian_plan as gramian_plan
+from famo_jax.aggregation._gramian import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
 from famo_jax.aggregation._mgda import mgda as mgda
