@@ -477,48 +477,74 @@ def _make_plan(
 # --- Gram contributions ---------------------------------------------------------------
 
 
-def _task_chunks(
-    fn: Callable[[jax.Array], jax.Array], d: jax.Array, chunk: int
-) -> list[jax.Array]:
-    """``[fn(d[a:a + chunk]) for each chunk a]`` with one compiled loop for the full chunks."""
-    k = d.shape[0]
-    if chunk >= k:
-        return [fn(d)]
-    full = k // chunk
-    starts = jnp.arange(full) * chunk
-    body = lambda start: fn(jax.lax.dynamic_slice_in_dim(d, start, chunk, axis=0))
-    out = jax.lax.map(body, starts)  # (full, ...)
-    parts = [jnp.moveaxis(out, 0, 1).reshape(out.shape[1], -1)]
-    if k % chunk:
-        parts.append(fn(d[full * chunk :]))
-    return parts
+MIN_TASK_CHUNKS = 4  # so that a chunk's temporaries are at most a quarter of the cotangents
+
+
+def _task_chunking(num_tasks: int, max_chunk: int) -> tuple[int, int]:
+    """``(number of chunks, tasks per chunk)``: the least padding, then the fewest chunks."""
+    least = max(min(num_tasks, MIN_TASK_CHUNKS), -(-num_tasks // max_chunk))
+    candidates = [(n * -(-num_tasks // n), n) for n in range(least, 2 * least + 1)]
+    _, num_chunks = min(candidates)
+    return num_chunks, -(-num_tasks // num_chunks)
 
 
 def _dense_gram(
-    x: jax.Array, d: jax.Array, dims: _DenseDims, has_bias: bool, dtype: Any, chunk: int
-) -> jax.Array:
-    r""":math:`\langle D_i, K D_j \rangle` summed over groups, with :math:`K = x x^\top (+ 1)`."""
-    k = d.shape[0]
-    g, n, c, q = dims.groups, dims.rows, dims.contracted, dims.columns
-    x = jnp.transpose(x, dims.x_perm).reshape(g, n, c).astype(dtype)
-    d = jnp.transpose(d, dims.d_perm).reshape(k, g, n, q).astype(dtype)
-    kernel = jnp.einsum("gnc,gmc->gnm", x, x, precision=_HIGHEST)
-    if has_bias:  # the bias is the weight of a constant input feature 1
-        kernel = kernel + 1
-    flat = d.reshape(k, -1)
+    layers: Sequence[tuple[jax.Array, jax.Array, _DenseDims, bool]],
+    num_chunks: int,
+    dtype: Any,
+) -> tuple[jax.Array, list[jax.Array]]:
+    r"""Sum over dense layers of :math:`\langle D_i, K D_j \rangle`, :math:`K = x x^\top (+1)`.
 
-    def gram_columns(d_chunk):
-        # K is broadcast over the tasks so that each product is a plain matrix product
-        # of row-major blocks (no transposed copies of the cotangents).
-        m = jnp.einsum(
-            "kgnm,kgmq->kgnq",
-            jnp.broadcast_to(kernel, (d_chunk.shape[0], g, n, n)),
-            d_chunk,
-            precision=_HIGHEST,
-        )
-        return jnp.matmul(flat, m.reshape(m.shape[0], -1).T, precision=_HIGHEST)
+    ``layers`` holds ``(x, d, dims, has_bias)`` with ``d`` the task-stacked
+    output cotangents (``num_chunks * chunk`` rows). The columns of the Gram
+    matrix are computed ``chunk`` tasks at a time in one loop, so that only a
+    chunk of the products :math:`K D_j` exists at once.
 
-    return jnp.concatenate(_task_chunks(gram_columns, d, chunk), axis=1)
+    Returns:
+      The Gram matrix and the cotangents, passed through the loop: using these
+      afterwards (rather than the inputs) lets XLA run the loop on the same
+      buffers instead of copying them.
+    """
+    kernels, ds = [], []
+    for x, d, dims, has_bias in layers:
+        g, n, c = dims.groups, dims.rows, dims.contracted
+        x = jnp.transpose(x, dims.x_perm).reshape(g, n, c).astype(dtype)
+        kernel = jnp.einsum("gnc,gmc->gnm", x, x, precision=_HIGHEST)
+        if has_bias:  # the bias is the weight of a constant input feature 1
+            kernel = kernel + 1
+        kernels.append(kernel)
+        ds.append(d)
+    padded = ds[0].shape[0]
+    chunk = padded // num_chunks
+
+    def columns(j, ds):
+        total = jnp.zeros((padded, chunk), dtype)
+        for kernel, d, (_, _, dims, _) in zip(kernels, ds, layers, strict=True):
+            g, n, q = dims.groups, dims.rows, dims.columns
+            d = jnp.transpose(d, dims.d_perm).reshape(padded, g, n, q).astype(dtype)
+            d_j = jax.lax.dynamic_slice_in_dim(d, j * chunk, chunk, axis=0)
+            # K broadcast over the tasks: each product is a plain matrix product of
+            # row-major blocks (no transposed copies of the cotangents).
+            m = jnp.einsum(
+                "kgnm,kgmq->kgnq",
+                jnp.broadcast_to(kernel, (chunk, *kernel.shape)),
+                d_j,
+                precision=_HIGHEST,
+            )
+            total = total + jnp.matmul(
+                d.reshape(padded, -1), m.reshape(chunk, -1).T, precision=_HIGHEST
+            )
+        return total
+
+    if num_chunks == 1:
+        return columns(0, ds), ds
+
+    def body(j, carry):
+        gram, ds = carry
+        return jax.lax.dynamic_update_slice_in_dim(gram, columns(j, ds), j * chunk, axis=1), ds
+
+    gram, ds = jax.lax.fori_loop(0, num_chunks, body, (jnp.zeros((padded, padded), dtype), ds))
+    return gram, list(ds)
 
 
 def _embedding_gram(
@@ -870,7 +896,13 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
     slot = {eqn: j for j, eqn in enumerate(plan.perturbed)}
 
     # One backward pass batched over the tasks: the perturbed outputs' cotangents and
-    # the "direct" leaves' gradients (the other leaves' gradients are dead code).
+    # the "direct" leaves' gradients (the other leaves' gradients are dead code). It
+    # runs in a loop over chunks of tasks (at least two, padded with zero cotangents):
+    # the loop bounds the temporaries, and its outputs are materialised once (XLA
+    # would otherwise fuse the last element-wise step of the backward pass, such as
+    # an activation's mask, into every consumer, each with its own copy).
+    num_chunks, chunk = _task_chunking(k, plan.task_chunk)
+    padded = num_chunks * chunk
     per_task_direct: list[jax.Array] = []
     cotangents: list[jax.Array] = []
     if direct or plan.perturbed:
@@ -879,18 +911,23 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
             leaf_cots, eps_cots = vjp_fn(cot)
             return [leaf_cots[i] for i in direct], eps_cots
 
-        eye = jnp.eye(k, dtype=losses.dtype)
-        if plan.task_chunk >= k:
-            per_task_direct, cotangents = jax.vmap(per_task)(eye)
-        else:
-            per_task_direct, cotangents = jax.lax.map(per_task, eye, batch_size=plan.task_chunk)
-
-    gram = jnp.zeros((k, k), dtype)
-    for e, op in plan.dense.items():
-        gram = gram + _dense_gram(
-            saved[slot[e]], cotangents[slot[e]], op.dims, op.bias_leaf is not None, dtype,
-            plan.task_chunk,
+        eye = jnp.eye(padded, k, dtype=losses.dtype).reshape(num_chunks, chunk, k)
+        stacked = jax.lax.map(jax.vmap(per_task), eye)
+        per_task_direct, cotangents = jax.tree.map(
+            lambda a: a.reshape(padded, *a.shape[2:]), stacked
         )
+        cotangents = list(cotangents)
+
+    gram = jnp.zeros((padded, padded), dtype)
+    if plan.dense:
+        layers = [
+            (saved[slot[e]], cotangents[slot[e]], op.dims, op.bias_leaf is not None)
+            for e, op in plan.dense.items()
+        ]
+        dense_gram, passed = _dense_gram(layers, num_chunks, dtype)
+        gram = gram + dense_gram
+        for e, d in zip(plan.dense, passed, strict=True):
+            cotangents[slot[e]] = d
     for eqns in plan.tables.values():
         gram = gram + _embedding_gram(
             [saved[slot[e]] for e in eqns],
@@ -900,6 +937,7 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
         )
     if direct:
         gram = gram + _flat_gram(per_task_direct, dtype)
+    gram = gram[:k, :k]
     if chunked:
 
         def chunk_grads(cots):
@@ -913,6 +951,7 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
     gram = 0.5 * (gram + gram.T)
 
     def weighted(weights, stacked):
+        weights = jnp.pad(weights, (0, stacked.shape[0] - k))  # zero for the padding tasks
         w = weights.astype(jnp.promote_types(stacked.dtype, weights.dtype))
         return jnp.tensordot(w, stacked.astype(w.dtype), axes=1).astype(stacked.dtype)
 
