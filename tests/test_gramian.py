@@ -420,11 +420,11 @@ def test_chunked_fallback_alone_matches_jacrev():
     check_against_jacrev(cnn_losses, params, args, F32_TOL, max_direct_bytes=0)
 
 
-@pytest.mark.parametrize("num_tasks, chunk_bytes", [(11, 2**27), (11, 1), (2, 1), (1, 2**27)])
-def test_task_chunks_and_padding_do_not_change_the_result(num_tasks, chunk_bytes):
-    # 11 tasks run as 4 chunks of 3 (one padding task); chunk_bytes=1 gives chunks of one.
+@pytest.mark.parametrize("num_tasks, chunks", [(11, None), (11, 11), (11, 1), (2, 2), (1, None)])
+def test_task_chunks_and_padding_do_not_change_the_result(num_tasks, chunks):
+    # 11 tasks run as 4 chunks of 3 by default (one padding task).
     params, args = mlp_problem(seed=2, num_tasks=num_tasks)
-    check_against_jacrev(mlp_losses, params, args, F32_TOL, task_chunk_bytes=chunk_bytes)
+    check_against_jacrev(mlp_losses, params, args, F32_TOL, task_chunks=chunks)
 
 
 def test_embedding_lookup_modes_and_repeated_tables():
@@ -608,8 +608,8 @@ def test_invalid_options_raise():
         famo_jax.gramian_task_gradients(mlp_losses, head_reduction="max")
     with pytest.raises(ValueError, match="max_direct_bytes"):
         famo_jax.gramian_task_gradients(mlp_losses, max_direct_bytes=-1)
-    with pytest.raises(ValueError, match="task_chunk_bytes"):
-        famo_jax.gramian_task_gradients(mlp_losses, task_chunk_bytes=0)
+    with pytest.raises(ValueError, match="task_chunks"):
+        famo_jax.gramian_task_gradients(mlp_losses, task_chunks=0)
     params, (x, y) = mlp_problem()
     with pytest.raises(TypeError, match="argnums"):
         famo_jax.gramian_plan(mlp_losses, argnums="0")(params, x, y)

@@ -97,7 +97,10 @@ NOT_SHARED = "not shared"
 STRATEGIES = (DENSE, BIAS, EMBEDDING, DIRECT, CHUNKED, UNUSED, NOT_SHARED)
 
 DEFAULT_MAX_DIRECT_BYTES = 2**28  # 256 MiB of per-task gradients of "direct" leaves.
-DEFAULT_TASK_CHUNK_BYTES = 2**27  # 128 MiB of per-task cotangents at once.
+# Automatic task chunks: at least 4 (a chunk's temporaries are at most a quarter of the
+# cotangents), more when the cotangents exceed 128 MiB per chunk.
+MIN_TASK_CHUNKS = 4
+CHUNK_BYTES = 2**27
 
 # Calls whose body is inlined, so that the parameters' uses inside them are seen.
 _INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
@@ -385,7 +388,7 @@ class _Plan(NamedTuple):
     lookups: dict[int, _Lookup]  # "embedding" equation -> its form
     tables: dict[int, list[int]]  # "embedding" leaf -> its lookup equations
     chunk_size: int  # tasks per block of the "chunked" fallback
-    task_chunk: int  # tasks per chunk of the batched backward pass and Gram products
+    num_chunks: int  # chunks of tasks of the batched backward pass
 
 
 def _itemsize(leaf: Any) -> int:
@@ -398,7 +401,7 @@ def _make_plan(
     shared: Sequence[bool],
     num_tasks: int,
     max_direct_bytes: int,
-    task_chunk_bytes: int,
+    task_chunks: int | None,
 ) -> _Plan:
     uses = _find_uses(jaxpr, len(leaves))
     readers = _consumers(jaxpr)
@@ -468,83 +471,72 @@ def _make_plan(
         * jnp.dtype(jaxpr.eqns[e].outvars[0].aval.dtype).itemsize
         for e in perturbed
     )
-    task_chunk = max(1, min(num_tasks, task_chunk_bytes // max(per_task_bytes, 1)))
+    if task_chunks is None:
+        least = max(min(num_tasks, MIN_TASK_CHUNKS), -(-num_tasks * per_task_bytes // CHUNK_BYTES))
+        candidates = [(n * -(-num_tasks // n), n) for n in range(least, 2 * least + 1)]
+        _, num_chunks = min(candidates)  # the least padding, then the fewest chunks
+    else:
+        num_chunks = min(task_chunks, num_tasks)
     return _Plan(
-        list(strategies), uses, perturbed, dense, lookups, tables, chunk_size, task_chunk
+        list(strategies), uses, perturbed, dense, lookups, tables, chunk_size, num_chunks
     )
 
 
 # --- Gram contributions ---------------------------------------------------------------
 
 
-MIN_TASK_CHUNKS = 4  # so that a chunk's temporaries are at most a quarter of the cotangents
-
-
-def _task_chunking(num_tasks: int, max_chunk: int) -> tuple[int, int]:
-    """``(number of chunks, tasks per chunk)``: the least padding, then the fewest chunks."""
-    least = max(min(num_tasks, MIN_TASK_CHUNKS), -(-num_tasks // max_chunk))
-    candidates = [(n * -(-num_tasks // n), n) for n in range(least, 2 * least + 1)]
-    _, num_chunks = min(candidates)
-    return num_chunks, -(-num_tasks // num_chunks)
+def _row_blocks(rows: int, target: int) -> int:
+    """A number of equal blocks of rows near ``target`` (1 if none divides ``rows``)."""
+    for blocks in range(target, 2 * target + 1):
+        if rows % blocks == 0 and blocks <= rows:
+            return blocks
+    return 1
 
 
 def _dense_gram(
-    layers: Sequence[tuple[jax.Array, jax.Array, _DenseDims, bool]],
-    num_chunks: int,
-    dtype: Any,
-) -> tuple[jax.Array, list[jax.Array]]:
-    r"""Sum over dense layers of :math:`\langle D_i, K D_j \rangle`, :math:`K = x x^\top (+1)`.
+    x: jax.Array, d: jax.Array, dims: _DenseDims, has_bias: bool, num_blocks: int, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    r""":math:`\langle D_i, K D_j \rangle` summed over groups, :math:`K = x x^\top (+1)`.
 
-    ``layers`` holds ``(x, d, dims, has_bias)`` with ``d`` the task-stacked
-    output cotangents (``num_chunks * chunk`` rows). The columns of the Gram
-    matrix are computed ``chunk`` tasks at a time in one loop, so that only a
-    chunk of the products :math:`K D_j` exists at once.
+    With :math:`D_i` the output cotangents of task ``i`` (``d``: task-stacked),
+    :math:`\langle D_i, K D_j\rangle = \sum_b \langle D_{i,b}, (K D_j)_b
+    \rangle` is accumulated over blocks of rows ``b`` in a loop, so that only a
+    block of the products :math:`K D_j` exists at once, while every product
+    still spans all tasks (full-size matrix products).
 
     Returns:
-      The Gram matrix and the cotangents, passed through the loop: using these
-      afterwards (rather than the inputs) lets XLA run the loop on the same
-      buffers instead of copying them.
+      The ``(k, k)`` Gram contribution and ``d`` passed through the loop: using
+      it afterwards (rather than the input) lets XLA run the loop on the same
+      buffer instead of copying it.
     """
-    kernels, ds = [], []
-    for x, d, dims, has_bias in layers:
-        g, n, c = dims.groups, dims.rows, dims.contracted
-        x = jnp.transpose(x, dims.x_perm).reshape(g, n, c).astype(dtype)
-        kernel = jnp.einsum("gnc,gmc->gnm", x, x, precision=_HIGHEST)
-        if has_bias:  # the bias is the weight of a constant input feature 1
-            kernel = kernel + 1
-        kernels.append(kernel)
-        ds.append(d)
-    padded = ds[0].shape[0]
-    chunk = padded // num_chunks
+    k = d.shape[0]
+    g, n, c, q = dims.groups, dims.rows, dims.contracted, dims.columns
+    x = jnp.transpose(x, dims.x_perm).reshape(g, n, c).astype(dtype)
+    kernel = jnp.einsum("gnc,gmc->gnm", x, x, precision=_HIGHEST)
+    if has_bias:  # the bias is the weight of a constant input feature 1
+        kernel = kernel + 1
+    blocks = _row_blocks(n, num_blocks)
+    size = n // blocks
 
-    def columns(j, ds):
-        total = jnp.zeros((padded, chunk), dtype)
-        for kernel, d, (_, _, dims, _) in zip(kernels, ds, layers, strict=True):
-            g, n, q = dims.groups, dims.rows, dims.columns
-            d = jnp.transpose(d, dims.d_perm).reshape(padded, g, n, q).astype(dtype)
-            d_j = jax.lax.dynamic_slice_in_dim(d, j * chunk, chunk, axis=0)
-            # K broadcast over the tasks: each product is a plain matrix product of
-            # row-major blocks (no transposed copies of the cotangents).
-            m = jnp.einsum(
-                "kgnm,kgmq->kgnq",
-                jnp.broadcast_to(kernel, (chunk, *kernel.shape)),
-                d_j,
-                precision=_HIGHEST,
-            )
-            total = total + jnp.matmul(
-                d.reshape(padded, -1), m.reshape(chunk, -1).T, precision=_HIGHEST
-            )
-        return total
+    def block(b, d):
+        d = jnp.transpose(d, dims.d_perm).reshape(k, g, n, q).astype(dtype)
+        rows = jax.lax.dynamic_slice_in_dim(kernel, b * size, size, axis=1)  # (g, size, n)
+        # The kernel rows are broadcast over the tasks: each product is a plain matrix
+        # product of row-major blocks (no transposed copies of the cotangents).
+        m = jnp.einsum(
+            "kgnm,kgmq->kgnq", jnp.broadcast_to(rows, (k, *rows.shape)), d, precision=_HIGHEST
+        )
+        d_b = jax.lax.dynamic_slice_in_dim(d, b * size, size, axis=2)
+        return jnp.matmul(d_b.reshape(k, -1), m.reshape(k, -1).T, precision=_HIGHEST)
 
-    if num_chunks == 1:
-        return columns(0, ds), ds
+    if blocks == 1:
+        return block(0, d), d
 
-    def body(j, carry):
-        gram, ds = carry
-        return jax.lax.dynamic_update_slice_in_dim(gram, columns(j, ds), j * chunk, axis=1), ds
+    def body(b, carry):
+        gram, d = carry
+        return gram + block(b, d), d
 
-    gram, ds = jax.lax.fori_loop(0, num_chunks, body, (jnp.zeros((padded, padded), dtype), ds))
-    return gram, list(ds)
+    return jax.lax.fori_loop(0, blocks, body, (jnp.zeros((k, k), dtype), d))
 
 
 def _embedding_gram(
@@ -615,7 +607,7 @@ def _chunked_gram(
 # --- The engine ---------------------------------------------------------------------
 
 
-def _check_options(loss_fn, has_aux, head_reduction, max_direct_bytes, task_chunk_bytes):
+def _check_options(loss_fn, has_aux, head_reduction, max_direct_bytes, task_chunks):
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
     if not isinstance(has_aux, bool):
@@ -623,8 +615,9 @@ def _check_options(loss_fn, has_aux, head_reduction, max_direct_bytes, task_chun
     if head_reduction not in ("mean", "sum"):
         raise ValueError(f"head_reduction must be 'mean' or 'sum', got {head_reduction!r}.")
     max_direct_bytes = _checks.check_int("max_direct_bytes", max_direct_bytes, minimum=0)
-    task_chunk_bytes = _checks.check_int("task_chunk_bytes", task_chunk_bytes, minimum=1)
-    return max_direct_bytes, task_chunk_bytes
+    if task_chunks is not None:
+        task_chunks = _checks.check_int("task_chunks", task_chunks, minimum=1)
+    return max_direct_bytes, task_chunks
 
 
 def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
@@ -777,7 +770,7 @@ def gramian_task_gradients(
     is_shared: Any = None,
     head_reduction: str = "mean",
     max_direct_bytes: int = DEFAULT_MAX_DIRECT_BYTES,
-    task_chunk_bytes: int = DEFAULT_TASK_CHUNK_BYTES,
+    task_chunks: int | None = None,
 ) -> Callable[..., Any]:
     r"""Task losses and their gradients' Gram matrix, without the task gradients.
 
@@ -824,10 +817,12 @@ def gramian_task_gradients(
       max_direct_bytes: memory allowed for the per-task gradients of the
         leaves computed directly (``"direct"``); leaves that do not fit use the
         bounded-memory ``"chunked"`` fallback.
-      task_chunk_bytes: the batched backward pass and the Gram products run
-        over chunks of tasks whose cotangents take about this much memory
-        (all tasks at once when they fit), which bounds the temporaries at
-        large ``k``.
+      task_chunks: the batched backward pass runs over this many chunks of
+        tasks (padded with zero cotangents to equal chunks), and the dense
+        layers' Gram products over as many blocks of rows, which bounds their
+        temporaries. None (default): at least 4, more when a chunk's
+        cotangents would exceed 128 MiB. 1: all tasks at once (no loop; the
+        most memory).
 
     Returns:
       A function with ``loss_fn``'s signature returning ``(losses,
@@ -869,7 +864,7 @@ def gramian_task_gradients(
       is that of per-example gradient norms: Goodfellow, *Efficient
       Per-Example Gradient Computations*, 2015, https://arxiv.org/abs/1510.01799.
     """
-    budgets = _check_options(loss_fn, has_aux, head_reduction, max_direct_bytes, task_chunk_bytes)
+    budgets = _check_options(loss_fn, has_aux, head_reduction, max_direct_bytes, task_chunks)
 
     @functools.wraps(loss_fn)
     def value_and_gramian(*args, **kwargs):
@@ -901,7 +896,8 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
     # the loop bounds the temporaries, and its outputs are materialised once (XLA
     # would otherwise fuse the last element-wise step of the backward pass, such as
     # an activation's mask, into every consumer, each with its own copy).
-    num_chunks, chunk = _task_chunking(k, plan.task_chunk)
+    num_chunks = plan.num_chunks
+    chunk = -(-k // num_chunks)
     padded = num_chunks * chunk
     per_task_direct: list[jax.Array] = []
     cotangents: list[jax.Array] = []
@@ -919,15 +915,12 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
         cotangents = list(cotangents)
 
     gram = jnp.zeros((padded, padded), dtype)
-    if plan.dense:
-        layers = [
-            (saved[slot[e]], cotangents[slot[e]], op.dims, op.bias_leaf is not None)
-            for e, op in plan.dense.items()
-        ]
-        dense_gram, passed = _dense_gram(layers, num_chunks, dtype)
+    for e, op in plan.dense.items():
+        dense_gram, cotangents[slot[e]] = _dense_gram(
+            saved[slot[e]], cotangents[slot[e]], op.dims, op.bias_leaf is not None,
+            num_chunks, dtype,
+        )
         gram = gram + dense_gram
-        for e, d in zip(plan.dense, passed, strict=True):
-            cotangents[slot[e]] = d
     for eqns in plan.tables.values():
         gram = gram + _embedding_gram(
             [saved[slot[e]] for e in eqns],
@@ -1010,7 +1003,7 @@ def gramian_plan(
     *,
     is_shared: Any = None,
     max_direct_bytes: int = DEFAULT_MAX_DIRECT_BYTES,
-    task_chunk_bytes: int = DEFAULT_TASK_CHUNK_BYTES,
+    task_chunks: int | None = None,
 ) -> Callable[..., Any]:
     """How :func:`gramian_task_gradients` computes each leaf's Gram contribution.
 
@@ -1023,7 +1016,7 @@ def gramian_plan(
     and on the number of tasks (the cost model picks the cheaper exact formula).
 
     Args:
-      loss_fn, argnums, has_aux, is_shared, max_direct_bytes, task_chunk_bytes:
+      loss_fn, argnums, has_aux, is_shared, max_direct_bytes, task_chunks:
         as for :func:`gramian_task_gradients`.
 
     Returns:
@@ -1039,7 +1032,7 @@ def gramian_plan(
       >>> famo_jax.gramian_plan(losses)(params, jnp.ones((4, 8)))
       {'b': 'bias', 'scale': 'direct', 'w': 'dense'}
     """
-    budgets = _check_options(loss_fn, has_aux, "mean", max_direct_bytes, task_chunk_bytes)
+    budgets = _check_options(loss_fn, has_aux, "mean", max_direct_bytes, task_chunks)
 
     def plan(*args, **kwargs):
         setup = _setup(loss_fn, argnums, has_aux, is_shared, budgets, args, kwargs)
