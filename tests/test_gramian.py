@@ -409,7 +409,13 @@ def test_leaves_over_the_memory_budget_use_the_chunked_fallback():
     params, args = cnn_problem(num_tasks=5)
     # 5 tasks x (216 + 16) bytes fit; the kernels (>= 288 bytes per task) do not.
     plan = plan_of(cnn_losses, params, args, max_direct_bytes=5 * (216 + 16))
-    assert plan == {"k1": "chunked", "c1": "direct", "k2": "chunked", "c2": "direct", "head": "dense"}
+    assert plan == {
+        "k1": "chunked",
+        "c1": "direct",
+        "k2": "chunked",
+        "c2": "direct",
+        "head": "dense",
+    }
     check_against_jacrev(cnn_losses, params, args, F32_TOL, max_direct_bytes=5 * (216 + 16))
 
 

@@ -6,71 +6,82 @@ and then the weighted sum :math:`J^\top w`. :func:`gramian_task_gradients`
 computes both without the ``(k, m)`` Jacobian :math:`J`.
 
 How: the loss function is traced to a jaxpr (calls to ``jax.jit`` functions
-are inlined), and every place where a parameter enters an operation is found
-(through value-preserving layout operations: reshapes, transposes, dtype
-conversions, size-preserving broadcasts). One forward pass and one backward
-pass batched over the ``k`` tasks (``vmap`` of the VJP over the unit
-cotangents of the loss vector) then give, for each leaf, what its Gram
-contribution needs:
+are inlined), and every place where a parameter enters an operation is found,
+following it through value-preserving layout operations (reshapes,
+transposes, floating-point dtype conversions, broadcasts that only add
+size-1 dimensions). One forward pass and one backward pass batched over the
+``k`` tasks (``vmap`` of the VJP over the unit cotangents of the loss vector)
+then give, for each leaf, what its Gram contribution needs. Each leaf gets one
+of these strategies (:func:`gramian_plan` reports them):
 
 - ``"dense"``: a leaf used once, as an operand of a ``dot_general`` (dense
-  layers, ``einsum``, attention projections of Flax NNX and Linen). The
-  backward pass yields the per-task cotangents :math:`D_i` of the operation's
-  output (shape ``(k, batch, width)``) instead of the per-task weight
-  gradients. For :math:`y = x W` (``x``: ``(n, c)``, ``W``: ``(c, q)``),
-  :math:`\nabla_W \ell_i = x^\top D_i` and
+  layers, ``einsum``, the projections of attention layers; ``nnx.Linear``,
+  ``nnx.LinearGeneral``, ``nn.Dense``, ``nn.DenseGeneral``). The backward
+  pass yields the per-task cotangents :math:`D_i` of the operation's output
+  (shape ``(k, rows, width)``) instead of the per-task weight gradients. For
+  :math:`y = x W` (``x``: ``(n, c)``, ``W``: ``(c, q)``), :math:`\nabla_W
+  \ell_i = x^\top D_i` and
 
   .. math::
       \langle \nabla_W \ell_i, \nabla_W \ell_j \rangle
       = \sum_{b, b'} (x x^\top)_{b b'} (D_i D_j^\top)_{b b'}
       = \langle D_i, K D_j \rangle, \qquad K = x x^\top ,
 
-  which costs :math:`n^2 c + k n^2 q + k^2 n q` multiply-adds and
-  :math:`O(k n q)` memory instead of the :math:`O(k c q)` of the weight
-  gradients. Batch dimensions of the ``dot_general`` are handled group by
-  group. When :math:`n` exceeds :math:`c` (more rows than input features) the
-  per-task weight gradients are cheaper and the leaf is ``"direct"`` instead.
+  :math:`n^2 c + k n^2 q + k^2 n q` multiply-adds and :math:`O(k n q)`
+  memory, against :math:`k n c q + k^2 c q` and :math:`O(k c q)` for the
+  per-task weight gradients. Batch dimensions of the ``dot_general`` are
+  handled group by group. A cost model picks the cheaper exact formula: when
+  the rows outnumber the input features the leaf is ``"direct"`` instead.
+- ``"bias"``: a leaf used once, added to the output of a ``"dense"``
+  operation and broadcast along its rows only (``x @ W + b``; the biases of
+  the layers above). Its gradient is the sum of :math:`D_i` over the rows,
+  i.e. the weight of a constant input feature 1, so it costs nothing:
+  :math:`K = x x^\top + 1`.
 - ``"embedding"``: a leaf used only as the table of row lookups (``gather``
-  along axis 0, as ``jnp.take(table, ids, axis=0)`` and ``nnx.Embed`` /
-  ``nn.Embed`` do; several lookups of one table are pooled). The cotangents
-  of the looked-up rows are summed per distinct index (a sort and a segment
-  sum), and the Gram matrix is that of those sums: :math:`O(k \cdot
-  \text{lookups} \cdot \text{width})` time and memory, independent of the
-  vocabulary size. Out-of-range indices follow the gather's mode (dropped for
-  ``fill``, clamped for ``clip``).
-- ``"direct"``: any other leaf (biases, normalisation scales and offsets,
-  convolution kernels, a weight used several times, a parameter entering a
-  ``scan``, a ``custom_jvp``/``custom_vjp`` function or anything else) gets
-  its per-task gradients from the same batched backward pass (exactly what
-  ``jax.jacrev`` computes for it), memory :math:`O(k \cdot \text{size})`,
-  while the total of such leaves fits in ``max_direct_bytes``.
+  along axis 0: ``jnp.take(table, ids, axis=0)``, ``nnx.Embed``,
+  ``nn.Embed``; several lookups of one table are pooled), when there are
+  fewer lookups than rows. The cotangents of the looked-up rows are summed per
+  distinct index (a sort and a segment sum) and the Gram matrix is that of the
+  sums: :math:`O(k \cdot \text{lookups} \cdot \text{width})` time and
+  memory, whatever the vocabulary size. Out-of-range indices follow the
+  gather's mode (dropped for ``fill``, clamped for ``clip``).
+- ``"direct"``: any other leaf (normalisation scales and offsets, convolution
+  kernels and biases, a weight used several times, a parameter entering a
+  ``scan``, a ``custom_jvp``/``custom_vjp`` function, ``jax.checkpoint`` or
+  anything else) gets its per-task gradients from the same batched backward
+  pass (what ``jax.jacrev`` computes for it), memory :math:`O(k \cdot
+  \text{size})`, while the total of such leaves fits in ``max_direct_bytes``
+  (smallest leaves first).
 - ``"chunked"``: the leaves that do not fit go through a bounded-memory
   fallback: their per-task gradients are computed ``c`` tasks at a time
-  (``c`` from ``max_direct_bytes``) and the Gram matrix block by block, for
-  :math:`O(k^2 / c)` extra backward passes (each costing one ordinary
-  backward pass) and :math:`O(c \cdot \text{size})` memory.
-- ``"unused"``: a leaf the losses do not depend on (zero gradient).
+  (``c`` from ``max_direct_bytes``) and the Gram matrix block by block (the
+  blocks on and above the diagonal), for about :math:`k^2 / (2c) + k / c`
+  extra backward passes of ``c`` tasks and :math:`O(c \cdot \text{size})`
+  memory.
+- ``"unused"``: a leaf the losses do not depend on (zero gradient), and
+  ``"not shared"``: a leaf outside ``is_shared`` (no Gram contribution; it
+  gets the mean or summed gradient).
 
 Every strategy is exact: it computes the same inner products as the
-Jacobian, in a different order (so equal up to floating-point rounding);
-nothing is approximated. :func:`gramian_plan` tells which strategy each leaf
-gets for given arguments.
+Jacobian, in another order (equal up to floating-point rounding); nothing is
+approximated.
+
+The batched backward pass runs in a loop over chunks of tasks and the dense
+Gram products in a loop over blocks of rows (``task_chunks``; at least 4 by
+default), so that their temporaries are a fraction of the cotangents: the
+memory is that of the cotangents :math:`D_i` of the dense layers, plus the
+per-task gradients of the ``"direct"`` leaves.
 
 The weighted sum :math:`\sum_i w_i g_i` (``combine``) reuses the batched
-backward pass: for a ``"dense"`` or ``"embedding"`` leaf it is the
-operation's transpose applied to :math:`\sum_i w_i D_i` (one weight-gradient
-product per layer, no further pass through the activations), for a
-``"direct"`` leaf the weighted sum of its stored gradients; ``"chunked"``
-leaves and the non-shared leaves (see ``is_shared``) need one more backward
-pass of the weighted loss.
+backward pass: for a ``"dense"``, ``"bias"`` or ``"embedding"`` leaf it is
+the operation's transpose applied to :math:`\sum_i w_i D_i` (one
+weight-gradient product per layer, no further pass through the activations),
+for a ``"direct"`` leaf the weighted sum of its gradients; ``"chunked"`` and
+``"not shared"`` leaves need one more (partial) backward pass of a weighted loss.
 
-Limitations: a parameter that enters an operation nested in control flow or a
-custom-derivative function is ``"direct"``/``"chunked"`` (correct, at the
-memory of its per-task gradients); ``jax.checkpoint`` (remat) regions are
-differentiated as they are, so their parameters are ``"direct"`` too.
-``combine`` must be called inside the same ``jit`` (trace) as the function
-that returned it. Under ``pmap``/``shard_map`` the engine computes the Gram
-matrix of each device's local batch (no ``axis_name`` support yet).
+Limitations: ``combine`` must be called inside the same ``jit`` (trace) as
+the function that returned it. Under ``pmap``/``shard_map`` the engine computes
+the Gram matrix of each device's local batch (no ``axis_name`` yet).
 """
 
 from __future__ import annotations
@@ -356,7 +367,9 @@ def _bias_of(jaxpr: Any, use: _Use, dense: dict[int, _DenseDims], readers: dict)
     if _is_literal(y):
         return None
     producers = [
-        i for i in dense if jaxpr.eqns[i].outvars[0] is y and readers.get(y) == [(use.eqn, 1 - use.position)]
+        i
+        for i in dense
+        if jaxpr.eqns[i].outvars[0] is y and readers.get(y) == [(use.eqn, 1 - use.position)]
     ]
     if not producers:
         return None
@@ -477,9 +490,7 @@ def _make_plan(
         _, num_chunks = min(candidates)  # the least padding, then the fewest chunks
     else:
         num_chunks = min(task_chunks, num_tasks)
-    return _Plan(
-        list(strategies), uses, perturbed, dense, lookups, tables, chunk_size, num_chunks
-    )
+    return _Plan(list(strategies), uses, perturbed, dense, lookups, tables, chunk_size, num_chunks)
 
 
 # --- Gram contributions ---------------------------------------------------------------
@@ -917,8 +928,12 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
     gram = jnp.zeros((padded, padded), dtype)
     for e, op in plan.dense.items():
         dense_gram, cotangents[slot[e]] = _dense_gram(
-            saved[slot[e]], cotangents[slot[e]], op.dims, op.bias_leaf is not None,
-            num_chunks, dtype,
+            saved[slot[e]],
+            cotangents[slot[e]],
+            op.dims,
+            op.bias_leaf is not None,
+            num_chunks,
+            dtype,
         )
         gram = gram + dense_gram
     for eqns in plan.tables.values():
@@ -960,11 +975,13 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
         for e, op in plan.dense.items():
             cot = weighted(weights, cotangents[slot[e]])
             (use,) = plan.uses[op.kernel_leaf]
-            add(op.kernel_leaf, _use_vjp(jaxpr, use, leaves[op.kernel_leaf], saved[slot[e]])(cot)[0])
+            add(
+                op.kernel_leaf, _use_vjp(jaxpr, use, leaves[op.kernel_leaf], saved[slot[e]])(cot)[0]
+            )
             if op.bias_leaf is not None:
                 zeros = jnp.zeros(out_avals[slot[e]].shape, out_avals[slot[e]].dtype)
                 add(op.bias_leaf, _use_vjp(jaxpr, op.bias_use, leaves[op.bias_leaf], zeros)(cot)[0])
-        for leaf, eqns in plan.tables.items():
+        for leaf in plan.tables:
             for use in plan.uses[leaf]:
                 cot = weighted(weights, cotangents[slot[use.eqn]])
                 add(leaf, _use_vjp(jaxpr, use, leaves[leaf], saved[slot[use.eqn]])(cot)[0])
@@ -1016,8 +1033,12 @@ def gramian_plan(
     and on the number of tasks (the cost model picks the cheaper exact formula).
 
     Args:
-      loss_fn, argnums, has_aux, is_shared, max_direct_bytes, task_chunks:
-        as for :func:`gramian_task_gradients`.
+      loss_fn: as for :func:`gramian_task_gradients`.
+      argnums: as for :func:`gramian_task_gradients`.
+      has_aux: as for :func:`gramian_task_gradients`.
+      is_shared: as for :func:`gramian_task_gradients`.
+      max_direct_bytes: as for :func:`gramian_task_gradients`.
+      task_chunks: as for :func:`gramian_task_gradients`.
 
     Returns:
       A function with ``loss_fn``'s signature returning that pytree of strings.
