@@ -61,7 +61,8 @@ def comparison(loss_fn, is_shared_items=None, has_aux=False, **engine_kwargs):
 
     ``is_shared_items`` is a tuple of ``(key, bool)`` for dict parameters (hashable
     for the cache). The reference weighted sum gives non-shared leaves the mean
-    over tasks, as ``shared_trunk(..., head_reduction="mean")`` does.
+    (or, with ``head_reduction="sum"``, the sum) over tasks, as ``shared_trunk``
+    does.
     """
     is_shared = None if is_shared_items is None else dict(is_shared_items)
     engine = famo_jax.gramian_task_gradients(
@@ -79,8 +80,9 @@ def comparison(loss_fn, is_shared_items=None, has_aux=False, **engine_kwargs):
             else jax.tree.broadcast(is_shared, params)
         )
         shared = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), stacked, mask)
+        reduce = jnp.sum if engine_kwargs.get("head_reduction") == "sum" else jnp.mean
         reference = jax.tree.map(
-            lambda g, m: aggregation.combine(g, weights) if m else g.mean(0), stacked, mask
+            lambda g, m: aggregation.combine(g, weights) if m else reduce(g, 0), stacked, mask
         )
         return (
             implicit.gram,
@@ -295,11 +297,14 @@ def test_mlp_gram_and_weighted_sum_match_jacrev():
     check_against_jacrev(mlp_losses, params, args, F32_TOL)
 
 
-def test_shared_trunk_gram_spans_the_trunk_and_heads_get_the_mean_gradient():
+@pytest.mark.parametrize("head_reduction", ["mean", "sum"])
+def test_shared_trunk_gram_spans_the_trunk_and_heads_get_the_mean_or_own_gradient(head_reduction):
     params, args = mlp_problem()
     plan = plan_of(mlp_losses, params, args, is_shared=MLP_SHARED)
     assert plan["w1"] == "dense" and plan["head_w"] == "not shared"
-    check_against_jacrev(mlp_losses, params, args, F32_TOL, is_shared=MLP_SHARED)
+    check_against_jacrev(
+        mlp_losses, params, args, F32_TOL, is_shared=MLP_SHARED, head_reduction=head_reduction
+    )
 
 
 def test_cnn_gram_and_weighted_sum_match_jacrev():
