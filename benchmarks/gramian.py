@@ -18,8 +18,10 @@ training step, reads XLA's memory and cost analyses, and times the step:
   jacrev path, to rounding.
 - ``MGDA TorchJD`` (optional, when ``torch`` and ``torchjd`` are installed):
   TorchJD's ``autogram.Engine`` on the same model in PyTorch (CPU, float32,
-  all cores), ``MGDAWeighting`` on its Gramian, then ``losses.backward(weights)``
-  and ``torch.optim.Adam``. PyTorch is imported inside this script only.
+  the process's cores), ``MGDAWeighting`` on its Gramian, then ``losses.backward(weights)``
+  and ``torch.optim.Adam``. PyTorch is imported inside this script only, with
+  ``OMP_WAIT_POLICY=PASSIVE`` (its OpenMP threads otherwise spin while they
+  wait, which slowed it down up to 10x on this shared machine).
 
 Timing: at each k every compiled step is timed in interleaved rounds (one call
 of each per round, rotating order; medians), so the ratios to LS are measured in
@@ -62,9 +64,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# PyTorch's OpenMP threads spin while they wait for work; on a shared or loaded
+# machine that slows PyTorch down by up to 10x (measured here). Passive waiting
+# must be chosen before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -275,7 +282,17 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
             if name in settings.methods:
                 last[name] = (k, row[name].seconds)
         if settings.torchjd:
-            row.update(torchjd_results(params, x, y, settings, rounds, log))
+            if TORCHJD in skip_from:
+                row[TORCHJD] = Result(TORCHJD, k, skipped=skip_from[TORCHJD])
+            else:
+                row.update(torchjd_results(params, x, y, settings, rounds, log))
+                last_k, last_s = k, row[TORCHJD].seconds
+                # Skip the next k when its step, linear in k, would exceed the budget.
+                next_ks = [n for n in settings.ks if n > k]
+                if next_ks and last_s * next_ks[0] / last_k > settings.time_budget_s:
+                    skip_from[TORCHJD] = (
+                        f"predicted step {last_s * next_ks[0] / last_k:.1f} s > time budget"
+                    )
         for name, result in row.items():
             results.append(result)
             status = (
@@ -319,7 +336,10 @@ def torchjd_results(params, x, y, settings, rounds, log) -> dict[str, Result]:
     from torchjd.aggregation import MGDAWeighting
     from torchjd.autogram import Engine
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    try:  # the cores this process may use (os.cpu_count() counts the whole host)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        torch.set_num_threads(os.cpu_count() or 1)
     k = y.shape[1]
     cfg = settings.model
 

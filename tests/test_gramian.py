@@ -410,6 +410,47 @@ def test_weights_used_twice_or_inside_a_scan_fall_back_to_direct_gradients():
     check_against_jacrev(scan_losses, params, args, F32_TOL)
 
 
+def unrolled_rnn_losses(p, xs, y):
+    """A recurrent layer unrolled in Python: ``wh`` and ``wx`` are used at every step."""
+    h = jnp.zeros((xs.shape[1], p["wh"].shape[0]))
+    for x in xs:
+        h = jnp.tanh(h @ p["wh"] + x @ p["wx"] + p["b"])
+    return jnp.mean((h @ p["out"] - y) ** 2, axis=0)
+
+
+class Siamese(nn.Module):
+    """One Dense module applied to two inputs."""
+
+    @nn.compact
+    def __call__(self, a, b):
+        dense = nn.Dense(8)
+        fa, fb = jnp.tanh(dense(a)), jnp.tanh(dense(b))
+        return jnp.stack([jnp.mean(fa**2), jnp.mean(fa * fb), jnp.mean((fa - fb) ** 2)])
+
+
+def test_a_weight_used_alike_several_times_is_one_dense_layer():
+    rng = np.random.default_rng(6)
+    params = {
+        "wh": normal(rng, 16, 16, scale=0.3),
+        "wx": normal(rng, 12, 16, scale=0.3),
+        "b": normal(rng, 16, scale=0.1),
+        "out": normal(rng, 16, 3),
+    }
+    args = (normal(rng, 3, 2, 12), normal(rng, 2, 3))  # 3 steps of a batch of 2
+    plan = plan_of(unrolled_rnn_losses, params, args)
+    assert plan == {"wh": "dense", "wx": "dense", "b": "direct", "out": "dense"}
+    check_against_jacrev(unrolled_rnn_losses, params, args, F32_TOL)
+    model = Siamese()
+    a, b = normal(rng, 2, 32), normal(rng, 2, 32)
+    variables = model.init(jax.random.key(0), a, b)
+
+    def siamese_losses(params, a, b):
+        return model.apply({"params": params}, a, b)
+
+    assert plan_of(siamese_losses, variables["params"], (a, b))["Dense_0"]["kernel"] == "dense"
+    check_against_jacrev(siamese_losses, variables["params"], (a, b), F32_TOL)
+
+
 def test_leaves_over_the_memory_budget_use_the_chunked_fallback():
     params, args = cnn_problem(num_tasks=5)
     # 5 tasks x (216 + 16) bytes fit; the kernels (>= 288 bytes per task) do not.

@@ -31,7 +31,10 @@ of these strategies (:func:`gramian_plan` reports them):
   memory, against :math:`k n c q + k^2 c q` and :math:`O(k c q)` for the
   per-task weight gradients. Batch dimensions of the ``dot_general`` are
   handled group by group. A cost model picks the cheaper exact formula: when
-  the rows outnumber the input features the leaf is ``"direct"`` instead.
+  the rows outnumber the input features the leaf is ``"direct"`` instead. A
+  weight used by several ``dot_general`` operations that lay it out alike (an unrolled
+  recurrent layer, one module applied to several inputs) is one dense layer
+  whose rows are those of all its uses.
 - ``"bias"``: a leaf used once, added to the output of a ``"dense"``
   operation and broadcast along its rows only (``x @ W + b``; the biases of
   the layers above). Its gradient is the sum of :math:`D_i` over the rows,
@@ -46,7 +49,8 @@ of these strategies (:func:`gramian_plan` reports them):
   memory, whatever the vocabulary size. Out-of-range indices follow the
   gather's mode (dropped for ``fill``, clamped for ``clip``).
 - ``"direct"``: any other leaf (normalisation scales and offsets, convolution
-  kernels and biases, a weight used several times, a parameter entering a
+  kernels and biases, a weight used in different ways (a tied embedding and
+  output projection), a parameter entering a
   ``scan``, a ``custom_jvp``/``custom_vjp`` function, ``jax.checkpoint`` or
   anything else) gets its per-task gradients from the same batched backward
   pass (what ``jax.jacrev`` computes for it), memory :math:`O(k \cdot
@@ -93,6 +97,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 
 from famo_jax import _checks, _numerics
@@ -252,6 +257,7 @@ class _DenseDims(NamedTuple):
     x_position: int
     x_perm: tuple[int, ...]
     d_perm: tuple[int, ...]
+    p_perm: tuple[int, ...]  # the parameter operand as (batch, contracting, free)
     row_dims: tuple[int, ...]  # the output dimensions of x's free dimensions
     groups: int
     rows: int
@@ -285,6 +291,7 @@ def _dense_dims(eqn: Any, position: int) -> _DenseDims | None:
         x_position=x_position,
         x_perm=(*x_b, *x_free, *x_c),
         d_perm=d_perm,
+        p_perm=(*p_b, *p_c, *p_free),
         row_dims=y_x,
         groups=math.prod(x_shape[d] for d in x_b),
         rows=math.prod(x_shape[d] for d in x_free),
@@ -299,6 +306,50 @@ def _dense_costs(dims: _DenseDims, k: int) -> tuple[int, int]:
     trick = g * n * n * c + k * g * n * n * q + k * k * g * n * q
     direct = k * g * n * c * q + k * k * g * c * q
     return trick, direct
+
+
+def _canonical_index(jaxpr: Any, use: _Use, dims: _DenseDims, shape: tuple) -> np.ndarray | None:
+    r"""Which entry of the leaf each entry of the use's ``(G, C, Q)`` operand is.
+
+    Uses of one leaf whose operands lay its entries out identically can be
+    pooled as extra rows of one dense layer: :math:`\nabla P = \sum_u X_u^\top
+    D_u = [X_1; X_2; \dots]^\top [D_1; D_2; \dots]`.
+    """
+    index = np.arange(math.prod(shape)).reshape(shape)
+    for c in use.chain:
+        eqn = jaxpr.eqns[c]
+        name = eqn.primitive.name
+        if name == "transpose":
+            index = np.transpose(index, eqn.params["permutation"])
+        elif name == "rev":
+            index = np.flip(index, tuple(eqn.params["dimensions"]))
+        elif name == "reshape" and eqn.params.get("dimensions") is not None:
+            return None
+        elif name in ("reshape", "squeeze", "expand_dims", "broadcast_in_dim"):
+            index = index.reshape(eqn.outvars[0].aval.shape)
+        elif name not in ("convert_element_type", "copy", "copy_p"):
+            return None
+    return np.transpose(index, dims.p_perm).reshape(-1)
+
+
+def _pooled_dense_dims(jaxpr: Any, uses: Sequence[_Use], shape: tuple) -> list[_DenseDims] | None:
+    """The uses' forms if they are ``dot_general`` operations pooled as rows."""
+    forms = [_dense_dims(jaxpr.eqns[u.eqn], u.position) for u in uses]
+    if any(f is None for f in forms):
+        return None
+    first = forms[0]
+    layout = _canonical_index(jaxpr, uses[0], first, shape)
+    for use, form in zip(uses[1:], forms[1:], strict=True):
+        if (form.groups, form.contracted, form.columns) != (
+            first.groups,
+            first.contracted,
+            first.columns,
+        ):
+            return None
+        other = _canonical_index(jaxpr, use, form, shape)
+        if layout is None or other is None or not np.array_equal(layout, other):
+            return None
+    return forms
 
 
 class _Lookup(NamedTuple):
@@ -400,6 +451,8 @@ class _Plan(NamedTuple):
     dense: dict[int, _DenseOp]  # "dense" equation -> its form and leaves
     lookups: dict[int, _Lookup]  # "embedding" equation -> its form
     tables: dict[int, list[int]]  # "embedding" leaf -> its lookup equations
+    pooled: dict[int, list[int]]  # "dense" leaf used several times -> its equations
+    pooled_dims: dict[int, _DenseDims]  # their forms
     chunk_size: int  # tasks per block of the "chunked" fallback
     num_chunks: int  # chunks of tasks of the batched backward pass
 
@@ -423,6 +476,8 @@ def _make_plan(
     kernel_of: dict[int, int] = {}
     lookups: dict[int, _Lookup] = {}
     tables: dict[int, list[int]] = {}
+    pooled: dict[int, list[int]] = {}
+    pooled_dims: dict[int, _DenseDims] = {}
     for leaf, (leaf_uses, is_shared) in enumerate(zip(uses, shared, strict=True)):
         size = math.prod(jnp.shape(leaves[leaf]))
         if not is_shared:
@@ -443,6 +498,16 @@ def _make_plan(
                     strategies[leaf] = DENSE
                     dense_dims[leaf_uses[0].eqn] = dims
                     kernel_of[leaf_uses[0].eqn] = leaf
+                    continue
+        else:
+            forms = _pooled_dense_dims(jaxpr, leaf_uses, jnp.shape(leaves[leaf]))
+            if forms is not None:
+                rows = sum(f.rows for f in forms)
+                trick, direct = _dense_costs(forms[0]._replace(rows=rows), num_tasks)
+                if trick <= direct or too_big:
+                    strategies[leaf] = DENSE
+                    pooled[leaf] = [u.eqn for u in leaf_uses]
+                    pooled_dims.update({u.eqn: f for u, f in zip(leaf_uses, forms, strict=True)})
                     continue
         forms = [_row_lookup(e, u.position) for e, u in zip(eqns, leaf_uses, strict=True)]
         if all(f is not None for f in forms):
@@ -478,7 +543,7 @@ def _make_plan(
             strategies[leaf] = CHUNKED
             chunked_bytes += per_task
     chunk_size = max(1, min(num_tasks, max_direct_bytes // max(chunked_bytes, 1)))
-    perturbed = sorted({*dense, *lookups})
+    perturbed = sorted({*dense, *lookups, *pooled_dims})
     per_task_bytes = direct_bytes + sum(
         math.prod(jaxpr.eqns[e].outvars[0].aval.shape)
         * jnp.dtype(jaxpr.eqns[e].outvars[0].aval.dtype).itemsize
@@ -490,7 +555,18 @@ def _make_plan(
         _, num_chunks = min(candidates)  # the least padding, then the fewest chunks
     else:
         num_chunks = min(task_chunks, num_tasks)
-    return _Plan(list(strategies), uses, perturbed, dense, lookups, tables, chunk_size, num_chunks)
+    return _Plan(
+        list(strategies),
+        uses,
+        perturbed,
+        dense,
+        lookups,
+        tables,
+        pooled,
+        pooled_dims,
+        chunk_size,
+        num_chunks,
+    )
 
 
 # --- Gram contributions ---------------------------------------------------------------
@@ -548,6 +624,31 @@ def _dense_gram(
         return gram + block(b, d), d
 
     return jax.lax.fori_loop(0, blocks, body, (jnp.zeros((k, k), dtype), d))
+
+
+def _pooled_dense_gram(
+    xs: Sequence[jax.Array],
+    ds: Sequence[jax.Array],
+    forms: Sequence[_DenseDims],
+    num_blocks: int,
+    dtype: Any,
+) -> jax.Array:
+    """The Gram contribution of a weight used by several ``dot_general``, as one layer.
+
+    The uses' inputs and output cotangents are put in the ``(G, N, C)`` and
+    ``(k, G, N, Q)`` forms and concatenated along the rows.
+    """
+    k = ds[0].shape[0]
+    x_rows, d_rows = [], []
+    for x, d, f in zip(xs, ds, forms, strict=True):
+        x_rows.append(jnp.transpose(x, f.x_perm).reshape(f.groups, f.rows, f.contracted))
+        d_rows.append(jnp.transpose(d, f.d_perm).reshape(k, f.groups, f.rows, f.columns))
+    x = jnp.concatenate(x_rows, axis=1)
+    d = jnp.concatenate(d_rows, axis=2)
+    first = forms[0]
+    pooled = first._replace(x_perm=(0, 1, 2), d_perm=(0, 1, 2, 3), rows=sum(f.rows for f in forms))
+    gram, _ = _dense_gram(x, d, pooled, False, num_blocks, dtype)
+    return gram
 
 
 def _embedding_gram(
@@ -727,7 +828,11 @@ def _shared_mask(is_shared: Any, diff_args: Any, treedef: Any) -> list[bool]:
 
 def _saved_position(plan: _Plan, eqn: int) -> int:
     """The operand of a perturbed equation that the Gram matrix needs."""
-    return plan.dense[eqn].dims.x_position if eqn in plan.dense else 1
+    if eqn in plan.dense:
+        return plan.dense[eqn].dims.x_position
+    if eqn in plan.pooled_dims:
+        return plan.pooled_dims[eqn].x_position
+    return 1  # a lookup's indices
 
 
 def _perturbed_fn(setup: _Setup) -> Callable:
@@ -936,6 +1041,14 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
             dtype,
         )
         gram = gram + dense_gram
+    for eqns in plan.pooled.values():
+        gram = gram + _pooled_dense_gram(
+            [saved[slot[e]] for e in eqns],
+            [cotangents[slot[e]] for e in eqns],
+            [plan.pooled_dims[e] for e in eqns],
+            num_chunks,
+            dtype,
+        )
     for eqns in plan.tables.values():
         gram = gram + _embedding_gram(
             [saved[slot[e]] for e in eqns],
@@ -981,7 +1094,7 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
             if op.bias_leaf is not None:
                 zeros = jnp.zeros(out_avals[slot[e]].shape, out_avals[slot[e]].dtype)
                 add(op.bias_leaf, _use_vjp(jaxpr, op.bias_use, leaves[op.bias_leaf], zeros)(cot)[0])
-        for leaf in plan.tables:
+        for leaf in [*plan.tables, *plan.pooled]:
             for use in plan.uses[leaf]:
                 cot = weighted(weights, cotangents[slot[use.eqn]])
                 add(leaf, _use_vjp(jaxpr, use, leaves[leaf], saved[slot[use.eqn]])(cot)[0])
