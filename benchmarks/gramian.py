@@ -211,7 +211,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
     cfg = settings.model
     factories = step_factories()
     results: list[Result] = []
-    skip_from: dict[str, str] = {}
+    skip_from: dict[str, str] = {}  # not compiled from this k on
+    untimed_from: dict[str, str] = {}  # compiled (memory, FLOPs) but not timed
     last: dict[str, tuple[int, float]] = {}
     key = jax.random.key(0)
     for k in settings.ks:
@@ -232,14 +233,15 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                         f"per-task gradients {_timing.format_bytes(grads_bytes)} > memory budget"
                     )
                     continue
-            if method in last:
+            untimed = untimed_from.get(method)
+            if method in last and untimed is None:
                 last_k, last_s = last[method]
                 predicted = last_s * k / last_k  # linear in k (optimistic at large k)
                 if predicted > settings.time_budget_s:
-                    skip_from[method] = result.skipped = (
-                        f"predicted step {predicted:.1f} s > time budget"
-                    )
-                    continue
+                    untimed = f"predicted step {predicted:.1f} s > time budget"
+                    if method.endswith("jacrev"):  # nothing to learn from compiling it
+                        skip_from[method] = result.skipped = untimed
+                        continue
             step, carry = factories[method](params, x, y)
             compiled = _timing.compile_step(step, carry, x, y)
             result.compile_seconds = compiled.seconds
@@ -253,6 +255,9 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                 skip_from[method] = result.skipped = (
                     f"compiled memory {_timing.format_bytes(result.memory_total)} > memory budget"
                 )
+                continue
+            if untimed:  # compiled for its memory and FLOPs, not timed
+                untimed_from[method] = result.skipped = untimed
                 continue
             entries[method] = (compiled.fn, carry, (x, y))
         if settings.parts:
@@ -432,7 +437,7 @@ def tables(results: list[Result], settings: Settings) -> str:
         r = table.get((method, k))
         if r is None:
             return "n/a"
-        if r.skipped:
+        if r.skipped and (what == "time" or r.memory_total is None):
             return "skipped"
         ls_name = "LS (PyTorch)" if method == TORCHJD else "LS"
         base = table.get((ls_name, k))
