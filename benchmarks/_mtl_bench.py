@@ -229,23 +229,6 @@ class Method:
     reseed: Callable[[Any, jax.Array], Any] | None = None
 
 
-# Which famo_jax function each row needs (STL needs none).
-REQUIRED_FUNCTIONS = {
-    "LS": ("linear_scalarization",),
-    "SI": ("scale_invariant",),
-    "RLW": ("random_loss_weighting",),
-    "DWA": ("dwa",),
-    "UW": ("uncertainty_weighting",),
-    "MGDA": ("mgda", "task_gradients", "shared_trunk"),
-    "PCGrad": ("pcgrad", "task_gradients", "shared_trunk"),
-    "CAGrad": ("cagrad", "task_gradients", "shared_trunk"),
-    "IMTL-G": ("imtl_g", "task_gradients", "shared_trunk"),
-    "Nash-MTL": ("nash_mtl", "task_gradients", "shared_trunk"),
-    "FAMO": ("famo",),
-    "FAMO-lagged": ("famo",),
-}
-
-
 def _replace_key(state: Any, key: jax.Array) -> Any:
     """Puts a raw uint32 key derived from ``key`` into a state's ``key`` field."""
     return state._replace(key=jax.random.key_data(key).astype(state.key.dtype))
@@ -257,8 +240,7 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
     FAMO uses the authors' supervised-benchmark hyperparameters: logits
     learning rate ``famo_lr`` (0.025) and decay ``gamma`` (0.001). The other
     methods use their famo_jax defaults (CAGrad ``c=0.4``, DWA ``T=2`` over
-    25-step windows, UW log-variance lr 0.025). Rows whose famo_jax functions are
-    not importable are left out (see :func:`unavailable`).
+    25-step windows, UW log-variance lr 0.025).
     """
     fj = famo_jax
     famo_build = lambda k, key: fj.famo(k, learning_rate=famo_lr, gamma=gamma)
@@ -283,11 +265,7 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         Method("FAMO", "weighting", famo_build, "same_batch"),
         Method("FAMO-lagged", "weighting", famo_build, "lagged"),
     ]
-    return {
-        m.name: m
-        for m in candidates
-        if not [f for f in REQUIRED_FUNCTIONS.get(m.name, ()) if not hasattr(fj, f)]
-    }
+    return {m.name: m for m in candidates}
 
 
 def famo_gamma_variants(gamma: float, famo_lr: float = 0.025) -> dict[str, Method]:
@@ -299,29 +277,6 @@ def famo_gamma_variants(gamma: float, famo_lr: float = 0.025) -> dict[str, Metho
         same: Method(same, "weighting", build, "same_batch"),
         lagged: Method(lagged, "weighting", build, "lagged"),
     }
-
-
-ALL_METHOD_NAMES = (
-    "STL",
-    "LS",
-    "SI",
-    "RLW",
-    "DWA",
-    "UW",
-    "MGDA",
-    "PCGrad",
-    "CAGrad",
-    "IMTL-G",
-    "Nash-MTL",
-    "FAMO",
-    "FAMO-lagged",
-)
-
-
-def unavailable() -> list[str]:
-    """Rows of the full comparison whose famo_jax function is not importable yet."""
-    available = method_registry()
-    return [name for name in ALL_METHOD_NAMES if name not in available]
 
 
 # ----------------------------------------------------------------------------
@@ -354,6 +309,64 @@ def _select_tree(flag: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
+def _model_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with the configured (cosine or constant) learning rate."""
+    if cfg.schedule == "cosine":
+        return optax.adam(
+            optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps_per_epoch)
+        )
+    if cfg.schedule == "constant":
+        return optax.adam(cfg.learning_rate)
+    raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}.")
+
+
+def weighting_step(weighting, update: str, task_losses, model_opt, x_train, y_train):
+    """``step(carry, batch)`` of a loss weighting (or of STL's fixed one-hot weights).
+
+    ``carry`` is ``(params, opt_state, state, prev_losses, has_prev)``; see
+    :class:`Method` for the three ways ``update`` is called.
+    """
+
+    def step(carry, batch):
+        params, opt_state, state, prev_losses, has_prev = carry
+        x, y = x_train[batch], y_train[batch]
+
+        def objective(p):
+            losses = task_losses(p, x, y)
+            return weighting.weigh(losses, state), losses
+
+        (_, losses), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = model_opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if update == "same_batch":
+            # The FAMO authors' protocol: one extra forward pass, no gradient.
+            state = weighting.update(losses, task_losses(new_params, x, y), state)
+        elif update == "lagged":
+            # No extra forward pass; the first step has no predecessor.
+            state = _select_tree(has_prev, weighting.update(prev_losses, losses, state), state)
+        else:
+            state = weighting.update(losses, losses, state)
+        return (new_params, opt_state, state, losses, jnp.array(True)), None
+
+    return step
+
+
+def aggregator_step(transform, task_losses, model_opt, x_train, y_train):
+    """``step(carry, batch)`` of an aggregator over the trunk's per-task gradients."""
+    value_and_task_grads = famo_jax.task_gradients(task_losses)
+
+    def step(carry, batch):
+        params, opt_state, state, prev_losses, has_prev = carry
+        x, y = x_train[batch], y_train[batch]
+        losses, task_grads = value_and_task_grads(params, x, y)
+        grads, state = transform.update(task_grads, state, params, losses=losses)
+        updates, opt_state = model_opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        return (new_params, opt_state, state, losses, jnp.array(True)), None
+
+    return step
+
+
 def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     """Returns ``run(key, stl_weights) -> outputs`` for one seed (and one STL task)."""
     k = bench.num_tasks
@@ -365,13 +378,7 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     steps_per_epoch = num_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {num_train} training examples.")
-    if cfg.schedule == "cosine":
-        learning_rate = optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps_per_epoch)
-    elif cfg.schedule == "constant":
-        learning_rate = cfg.learning_rate
-    else:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}.")
-    model_opt = optax.adam(learning_rate)
+    model_opt = _model_optimizer(cfg, steps_per_epoch)
 
     def evaluate(params, x, y):
         return task_losses_and_metrics(bench.kind, model.apply({"params": params}, x), y)
@@ -379,9 +386,7 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     def task_losses(params, x, y):
         return evaluate(params, x, y)[0]
 
-    def run(key: jax.Array, stl_weights: jax.Array):
-        k_init, k_data, k_method = jax.random.split(key, 3)
-        params = model.init(k_init, x_train[:1])["params"]
+    def method_step_and_state(params, k_method, stl_weights):
         if method.family == "aggregator":
             # Trunk: the aggregate of the k task gradients, times k (the authors'
             # sum convention); heads: each its own task's gradient.
@@ -389,49 +394,21 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
                 famo_jax.shared_trunk(method.build(k, k_method), {"trunk": True, "heads": False}),
                 optax.scale(float(k)),
             )
-            method_state = transform.init(params)
-            value_and_task_grads = famo_jax.task_gradients(task_losses)
+            step = aggregator_step(transform, task_losses, model_opt, x_train, y_train)
+            return step, transform.init(params)
+        if method.family == "stl":
+            weighting = _fixed_weighting(stl_weights)
         else:
-            weighting = (
-                _fixed_weighting(stl_weights)
-                if method.family == "stl"
-                else method.build(k, k_method)
-            )
-            method_state = weighting.init()
+            weighting = method.build(k, k_method)
+        step = weighting_step(weighting, method.update, task_losses, model_opt, x_train, y_train)
+        return step, weighting.init()
+
+    def run(key: jax.Array, stl_weights: jax.Array):
+        k_init, k_data, k_method = jax.random.split(key, 3)
+        params = model.init(k_init, x_train[:1])["params"]
+        step, method_state = method_step_and_state(params, k_method, stl_weights)
         if method.reseed is not None:
             method_state = method.reseed(method_state, k_method)
-
-        def weighting_step(carry, batch):
-            params, opt_state, state, prev_losses, has_prev = carry
-            x, y = x_train[batch], y_train[batch]
-
-            def objective(p):
-                losses = task_losses(p, x, y)
-                return weighting.weigh(losses, state), losses
-
-            (_, losses), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            updates, opt_state = model_opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            if method.update == "same_batch":
-                # The FAMO authors' protocol: one extra forward pass, no gradient.
-                state = weighting.update(losses, task_losses(new_params, x, y), state)
-            elif method.update == "lagged":
-                # No extra forward pass; the first step has no predecessor.
-                state = _select_tree(has_prev, weighting.update(prev_losses, losses, state), state)
-            else:
-                state = weighting.update(losses, losses, state)
-            return (new_params, opt_state, state, losses, jnp.array(True)), None
-
-        def aggregator_step(carry, batch):
-            params, opt_state, state, prev_losses, has_prev = carry
-            x, y = x_train[batch], y_train[batch]
-            losses, task_grads = value_and_task_grads(params, x, y)
-            grads, state = transform.update(task_grads, state, params)
-            updates, opt_state = model_opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            return (new_params, opt_state, state, losses, jnp.array(True)), None
-
-        step = aggregator_step if method.family == "aggregator" else weighting_step
 
         def epoch(carry, epoch_key):
             order = jax.random.permutation(epoch_key, num_train)
@@ -710,10 +687,7 @@ def run_benchmark(
         method_names = list(registry)
     missing = [name for name in method_names if name not in registry]
     if missing:
-        raise ValueError(
-            f"methods {missing} are not available (known: {list(registry)}; not yet in "
-            f"famo_jax: {unavailable()})."
-        )
+        raise ValueError(f"unknown methods {missing}; known: {list(registry)}.")
     methods = {name: registry[name] for name in method_names}
     if "STL" not in methods:
         raise ValueError("STL is required: it is the baseline of delta_m.")
@@ -801,10 +775,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, docs_path: str) -> Non
         help="extra FAMO rows with these γ (default: 0; none with --quick)",
     )
     parser.add_argument(
-        "--output",
+        "--out",
         default=None,
-        help=f"markdown file for the tables (default: {os.path.normpath(docs_path)} "
-        "for full runs, none with --quick)",
+        help=f"directory for the markdown tables (default: write nothing; the committed "
+        f"ones are {os.path.normpath(docs_path)})",
     )
 
 
@@ -815,10 +789,16 @@ def ablation_gammas(args: argparse.Namespace) -> tuple[float, ...]:
 
 
 def write_markdown(args: argparse.Namespace, docs_path: str, heading: str, text: str) -> None:
-    """Writes ``text`` under ``heading`` to ``--output`` (default: docs for full runs)."""
-    output = args.output if args.output is not None else (None if args.quick else docs_path)
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            f.write(f"## {heading}\n\n{text}")
-        print(f"wrote {os.path.normpath(output)}")
+    """Writes ``text`` under ``heading`` into ``--out`` (nothing without it).
+
+    The file is named like the committed one (``docs_path``); a run writes over
+    committed files only when asked, with ``--out docs/benchmarks``.
+    """
+    if args.out is None:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    output = os.path.join(args.out, os.path.basename(docs_path))
+    label = " (--quick: a smoke test, not results)" if args.quick else ""
+    with open(output, "w") as f:
+        f.write(f"## {heading}{label}\n\n{text}")
+    print(f"wrote {os.path.normpath(output)}")

@@ -28,25 +28,20 @@ Figures per k (medians after warm-up):
 No trace or compilation happens in the timed loops (checked with
 ``jax.monitoring`` event counters, see ``_timing.CompileCounter``).
 
-Run: ``python benchmarks/famo_overhead.py`` (under a minute) or with ``--quick``.
+Run: ``python -m benchmarks.famo_overhead`` (under a minute) or with ``--quick``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _timing  # noqa: E402
-
-import famo_jax  # noqa: E402
+import famo_jax
+from benchmarks import _timing
 
 FULL_KS = (2, 10, 100, 1_000, 10_000, 100_000)
 QUICK_KS = (2, 100, 10_000)

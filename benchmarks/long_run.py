@@ -48,7 +48,7 @@ Loss sequences (``num_tasks`` tasks, one sequence per regime):
   entries replaced by NaN, inf or a negative value (these updates must be
   skipped).
 
-Run: ``python benchmarks/long_run.py`` (one million updates, every regime for
+Run: ``python -m benchmarks.long_run`` (one million updates, every regime for
 gamma in {0, 0.001, 0.01}, in float32 and float64; about a minute on a laptop
 CPU). ``--updates`` and ``--chunk`` change the length and how often it reports.
 """
@@ -63,9 +63,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import famo_jax
-from famo_jax.weighting import reference_adam
 
 REGIMES = ("noise", "imbalanced", "wild")
 GAMMAS = (0.0, 0.001, 0.01)
@@ -153,15 +153,18 @@ def _to_float32(leaf):
 def make_run_chunk(num_tasks: int, chunk: int, learning_rate: float = LEARNING_RATE):
     """Returns ``run_chunk(carry, start, key, regime, gamma) -> carry`` for one configuration.
 
-    ``gamma`` may be traced (the default optimizer is built from it inside), so
-    that one compiled program covers every gamma under ``jax.vmap``.
+    ``gamma`` may be traced: famo()'s default optimizer keeps it in the state
+    (``opt_state.hyperparams``), where it is set, so that one compiled program
+    covers every gamma under ``jax.vmap``.
     """
+    weighting32 = famo_jax.famo(num_tasks, learning_rate=learning_rate)
+    weighting64 = famo_jax.famo(num_tasks, learning_rate=learning_rate, logits_dtype=jnp.float64)
 
     def run_chunk(carry: Carry, start, key, regime, gamma) -> Carry:
-        # famo()'s default optimizer, built with a traced gamma.
-        optimizer = reference_adam(learning_rate, gamma)
-        weighting32 = famo_jax.famo(num_tasks, optimizer=optimizer)
-        weighting64 = famo_jax.famo(num_tasks, optimizer=optimizer, logits_dtype=jnp.float64)
+        def with_gamma(state):
+            return optax.tree_utils.tree_set(state, gamma=jnp.asarray(gamma, state.logits.dtype))
+
+        carry = carry._replace(state32=with_gamma(carry.state32), state64=with_gamma(carry.state64))
 
         def step(carry: Carry, t):
             state32, state64, stats = carry

@@ -20,8 +20,8 @@ Every method of :mod:`benchmarks._mtl_bench` trains the same MLP on them.
 
 Run (the tables in ``docs/benchmarks/multidigits.md``)::
 
-    python benchmarks/multidigits.py            # full settings
-    python benchmarks/multidigits.py --quick    # seconds; used by the tests
+    python -m benchmarks.multidigits --out DIR   # full settings
+    python -m benchmarks.multidigits --quick     # seconds; used by the tests
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ import sys
 import numpy as np
 from sklearn.datasets import load_digits
 
-if __package__:
-    from benchmarks import _mtl_bench as mtl
-else:  # run as a script: benchmarks/ is on sys.path
-    import _mtl_bench as mtl
+from benchmarks import _mtl_bench as mtl
 
 CANVAS = 12
 DIGIT = 8
@@ -200,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, mtl.Summary]:
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
     )
     variants = VARIANTS if args.variant == "both" else (args.variant,)
-    command = " ".join(["python benchmarks/multidigits.py", *argv])
+    command = " ".join(["python -m benchmarks.multidigits", *argv])
     summaries, sections = {}, []
     clock = mtl.RunClock()
     for variant in variants:

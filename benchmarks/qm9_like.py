@@ -20,8 +20,8 @@ losses ``E[y_j**2] ~ std_j**2``.
 
 Run (the tables in ``docs/benchmarks/qm9_like.md``)::
 
-    python benchmarks/qm9_like.py            # full settings
-    python benchmarks/qm9_like.py --quick    # seconds; used by the tests
+    python -m benchmarks.qm9_like --out DIR   # full settings
+    python -m benchmarks.qm9_like --quick     # seconds; used by the tests
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ import sys
 
 import numpy as np
 
-if __package__:
-    from benchmarks import _mtl_bench as mtl
-else:  # run as a script: benchmarks/ is on sys.path
-    import _mtl_bench as mtl
+from benchmarks import _mtl_bench as mtl
 
 TASK_NAMES = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "u0", "u", "h", "g", "cv")
 # Scale (standard deviation) of each target.
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> mtl.Summary:
         zero_init_heads=True,
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
     )
-    command = " ".join(["python benchmarks/qm9_like.py", *argv])
+    command = " ".join(["python -m benchmarks.qm9_like", *argv])
     clock = mtl.RunClock()
     bench = load_qm9_like(**(QUICK if args.quick else FULL))
     summary = mtl.run_benchmark(

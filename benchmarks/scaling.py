@@ -42,8 +42,8 @@ No recompilation in the timed loops: every step is compiled ahead of time
 each timed loop runs inside a counter of ``jax.monitoring`` trace and
 compilation events that raises if any happened (the count is printed).
 
-Run: ``python benchmarks/scaling.py`` (full; a few minutes) or
-``python benchmarks/scaling.py --quick`` (tiny sizes, seconds).
+Run from the repository root: ``python -m benchmarks.scaling --out DIR`` (full; a
+few minutes) or ``python -m benchmarks.scaling --quick`` (tiny sizes, seconds).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,24 +62,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _timing  # noqa: E402
-
-import famo_jax  # noqa: E402
-from famo_jax import aggregation  # noqa: E402
+import famo_jax
+from benchmarks import _timing
+from famo_jax import aggregation
 
 FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
 LOSS_WEIGHTINGS = ("LS", "FAMO lagged", "FAMO same-batch")
-# Display name -> famo_jax factory name of the O(k) methods (None: defined here).
-AGGREGATORS = {
-    "O(k) floor": None,
-    "CAGrad": "cagrad",
-    "MGDA": "mgda",
-    "PCGrad": "pcgrad",
-    "IMTL-G": "imtl_g",
-    "Nash-MTL": "nash_mtl",
+# Display name -> factory of the O(k) methods (the floor is defined below).
+AGGREGATORS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "O(k) floor": lambda: floor_aggregator(),
+    "CAGrad": famo_jax.cagrad,
+    "MGDA": famo_jax.mgda,
+    "PCGrad": famo_jax.pcgrad,
+    "IMTL-G": famo_jax.imtl_g,
+    "Nash-MTL": famo_jax.nash_mtl,
 }
 METHODS = LOSS_WEIGHTINGS + tuple(AGGREGATORS)
 
@@ -173,21 +169,9 @@ def _apply(params, opt_state, grads):
     return optax.apply_updates(params, updates), opt_state
 
 
-def ls_weighting(num_tasks: int):
-    """famo_jax's LS when available, else the mean of the losses."""
-    factory = getattr(famo_jax, "linear_scalarization", None)
-    if factory is not None:
-        return factory(num_tasks)
-    return famo_jax.LossWeighting(
-        init=lambda: (),
-        weigh=lambda losses, state: jnp.mean(losses),
-        update=lambda prev, curr, state: state,
-    )
-
-
 def make_ls(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
     num_tasks = y.shape[1]
-    weighting = ls_weighting(num_tasks)
+    weighting = famo_jax.linear_scalarization(num_tasks)
 
     def step(carry, x, y):
         params, opt_state, state = carry
@@ -291,14 +275,8 @@ def floor_aggregator() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def aggregator_factory(name: str) -> Callable | None:
-    """The factory of an O(k) method, None if famo_jax does not have it (yet)."""
-    attr = AGGREGATORS[name]
-    return floor_aggregator if attr is None else getattr(famo_jax, attr, None)
-
-
 def make_aggregator(name: str) -> Callable:
-    factory = aggregator_factory(name)
+    factory = AGGREGATORS[name]
 
     def make(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
         aggregator = factory()
@@ -319,15 +297,15 @@ def make_aggregator(name: str) -> Callable:
     return make
 
 
-def available_methods() -> dict[str, Callable | None]:
-    """Method name -> step factory, None for an aggregator famo_jax lacks."""
-    methods: dict[str, Callable | None] = {
+def step_factories() -> dict[str, Callable]:
+    """Method name -> ``(params, x, y) -> (step, carry)``."""
+    methods: dict[str, Callable] = {
         "LS": make_ls,
         "FAMO lagged": make_famo_lagged,
         "FAMO same-batch": make_famo_same_batch,
     }
     for name in AGGREGATORS:
-        methods[name] = make_aggregator(name) if aggregator_factory(name) else None
+        methods[name] = make_aggregator(name)
     return methods
 
 
@@ -373,72 +351,50 @@ def _predict_seconds(history: list[tuple[int, float]], num_tasks: int) -> float 
     return last_seconds * num_tasks / last_k
 
 
-def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
-    cfg = settings.model
-    factories = available_methods()
-    results: list[Result] = []
-    skip_from: dict[str, str] = {}  # aggregator -> reason it was skipped (then all larger k)
-    history: dict[str, list[tuple[int, float]]] = {m: [] for m in settings.methods}
-    key = jax.random.key(0)
-    for num_tasks in settings.ks:
-        k_params, k_batch = jax.random.split(jax.random.fold_in(key, num_tasks))
-        params = init_params(k_params, cfg, num_tasks)
-        x, y = make_batch(k_batch, cfg, num_tasks)
-        compiled: dict[str, tuple[Callable, Any]] = {}
-        row: dict[str, Result] = {}
-        for method in settings.methods:
-            result = Result(method, num_tasks)
-            row[method] = result
-            factory = factories.get(method)
-            if factory is None:
-                result.skipped = "not in famo_jax"
-                continue
-            if method in skip_from:
-                result.skipped = skip_from[method]
-                continue
-            if method in AGGREGATORS:
-                grads_bytes = 4 * num_tasks * cfg.trunk_params
-                if grads_bytes > settings.memory_budget_bytes:
-                    skip_from[method] = result.skipped = (
-                        f"per-task gradients {_timing.format_bytes(grads_bytes)} > memory budget"
-                    )
-                    continue
-                predicted = _predict_seconds(history[method], num_tasks)
-                if predicted is not None and predicted > settings.time_budget_s:
-                    skip_from[method] = result.skipped = (
-                        f"predicted step {predicted:.1f} s > time budget"
-                    )
-                    continue
-            step, carry = factory(params, x, y)
-            compiled_step = _timing.compile_step(step, carry, x, y)
-            jitted, memory = compiled_step.fn, compiled_step.memory
-            result.compile_seconds = compiled_step.seconds
-            result.flops = compiled_step.flops
-            if memory is not None:
-                result.memory = asdict(memory)
-                result.memory_total = memory.total
-                if method in AGGREGATORS and memory.total > settings.memory_budget_bytes:
-                    skip_from[method] = result.skipped = (
-                        f"compiled memory {_timing.format_bytes(memory.total)} > memory budget"
-                    )
-                    continue
-            compiled[method] = (jitted, carry)
+def _skip_reason(
+    method: str, num_tasks: int, settings: Settings, history: list[tuple[int, float]]
+) -> str | None:
+    """Why an aggregator is not measured at this k (predicted over a budget), or None."""
+    if method not in AGGREGATORS:
+        return None
+    grads_bytes = 4 * num_tasks * settings.model.trunk_params
+    if grads_bytes > settings.memory_budget_bytes:
+        return f"per-task gradients {_timing.format_bytes(grads_bytes)} > memory budget"
+    predicted = _predict_seconds(history, num_tasks)
+    if predicted is not None and predicted > settings.time_budget_s:
+        return f"predicted step {predicted:.1f} s > time budget"
+    return None
 
-        weightings = {m: compiled[m] for m in LOSS_WEIGHTINGS if m in compiled}
-        if weightings:
-            times = _timing.time_interleaved(
-                {m: (fn, carry, (x, y)) for m, (fn, carry) in weightings.items()},
-                warmup=settings.warmup,
-                rounds=settings.rounds,
-                label=f"loss weightings at k={num_tasks}",
-            )
-            for method, values in times.items():
-                row[method].times = values
-        for method in AGGREGATORS:
-            if method not in compiled:
-                continue
+
+def _compile(result: Result, factory: Callable, params, x, y, settings: Settings):
+    """Compiles a method's step, recording its cost; ``(fn, carry)`` or None if over budget."""
+    step, carry = factory(params, x, y)
+    compiled = _timing.compile_step(step, carry, x, y)
+    result.compile_seconds, result.flops = compiled.seconds, compiled.flops
+    if compiled.memory is not None:
+        result.memory, result.memory_total = asdict(compiled.memory), compiled.memory.total
+        if result.method in AGGREGATORS and compiled.memory.total > settings.memory_budget_bytes:
+            total = _timing.format_bytes(compiled.memory.total)
+            result.skipped = f"compiled memory {total} > memory budget"
+            return None
+    return compiled.fn, carry
+
+
+def _time_row(compiled: dict[str, tuple[Callable, Any]], x, y, settings: Settings, num_tasks):
+    """Method -> step times: the loss weightings interleaved, each aggregator on its own."""
+    times: dict[str, list[float]] = {}
+    weightings = {m: compiled[m] for m in LOSS_WEIGHTINGS if m in compiled}
+    if weightings:
+        times |= _timing.time_interleaved(
+            {m: (fn, carry, (x, y)) for m, (fn, carry) in weightings.items()},
+            warmup=settings.warmup,
+            rounds=settings.rounds,
+            label=f"loss weightings at k={num_tasks}",
+        )
+    for method in AGGREGATORS:
+        if method in compiled:
             fn, carry = compiled[method]
-            row[method].times = _timing.time_steps(
+            times[method] = _timing.time_steps(
                 fn,
                 carry,
                 (x, y),
@@ -447,20 +403,50 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                 max_seconds=settings.max_seconds,
                 label=f"{method} at k={num_tasks}",
             )
-        for method in settings.methods:
-            result = row[method]
+    return times
+
+
+def _status(result: Result) -> str:
+    if result.skipped:
+        return f"skipped ({result.skipped})"
+    return (
+        f"{_timing.format_seconds(result.seconds)} median of {len(result.times)}, "
+        f"memory {_timing.format_bytes(result.memory_total or 0)}, "
+        f"compiled in {result.compile_seconds:.1f} s"
+    )
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
+    """Every method at every k; an aggregator skipped at one k is skipped at all larger k."""
+    factories = step_factories()
+    results: list[Result] = []
+    skip_from: dict[str, str] = {}
+    history: dict[str, list[tuple[int, float]]] = {m: [] for m in settings.methods}
+    key = jax.random.key(0)
+    for num_tasks in settings.ks:
+        k_params, k_batch = jax.random.split(jax.random.fold_in(key, num_tasks))
+        params = init_params(k_params, settings.model, num_tasks)
+        x, y = make_batch(k_batch, settings.model, num_tasks)
+        row = {method: Result(method, num_tasks) for method in settings.methods}
+        compiled: dict[str, tuple[Callable, Any]] = {}
+        for method, result in row.items():
+            result.skipped = skip_from.get(method) or _skip_reason(
+                method, num_tasks, settings, history[method]
+            )
+            if result.skipped is None:
+                entry = _compile(result, factories[method], params, x, y, settings)
+                if entry is not None:
+                    compiled[method] = entry
+            if result.skipped is not None and method in AGGREGATORS:
+                skip_from[method] = result.skipped
+        for method, values in _time_row(compiled, x, y, settings, num_tasks).items():
+            row[method].times = values
+        for method, result in row.items():
             if result.times:
                 result.seconds = _timing.median(result.times)
                 history[method].append((num_tasks, result.seconds))
             results.append(result)
-            status = (
-                f"skipped ({result.skipped})"
-                if result.skipped
-                else f"{_timing.format_seconds(result.seconds)} median of {len(result.times)}, "
-                f"memory {_timing.format_bytes(result.memory_total or 0)}, "
-                f"compiled in {result.compile_seconds:.1f} s"
-            )
-            log(f"  k={num_tasks:<5} {method:<16} {status}")
+            log(f"  k={num_tasks:<5} {method:<16} {_status(result)}")
         del compiled, params, x, y
     return results
 
@@ -623,11 +609,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget-s", type=float, default=3.0)
     parser.add_argument("--memory-budget-gib", type=float, default=3.0)
     parser.add_argument(
-        "--plot",
+        "--out",
         type=Path,
-        help="where to save the PNG (default docs/scaling.png; none with --quick)",
+        help="directory for scaling.png, scaling.md and scaling.json (default: write nothing; "
+        "docs/ holds the committed ones)",
     )
-    parser.add_argument("--json", type=Path, help="also save the raw results as JSON here")
     return parser.parse_args(argv)
 
 
@@ -647,10 +633,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
         time_budget_s=args.time_budget_s,
         memory_budget_bytes=args.memory_budget_gib * 2**30,
     )
-    plot_path = args.plot
-    if plot_path is None and not args.quick:
-        plot_path = Path(__file__).resolve().parent.parent / "docs" / "scaling.png"
-
     print("# famo_jax scaling benchmark\n")
     _timing.print_machine_info()
     print(f"Model: {model.describe()}.")
@@ -665,10 +647,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"Budgets for the aggregators: step time <= {settings.time_budget_s} s (predicted), "
         f"memory <= {args.memory_budget_gib} GiB.\n"
     )
-    missing = [m for m, f in available_methods().items() if f is None and m in settings.methods]
-    if missing:
-        print(f"Not available in this famo_jax (reported as skipped): {', '.join(missing)}\n")
-
+    if args.quick:
+        print("(--quick: a smoke test on a tiny model; the figures mean nothing.)\n")
     start = time.perf_counter()
     traces_before, compiles_before = _timing.total_compile_events()
     results = run(settings)
@@ -680,10 +660,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     elapsed = time.perf_counter() - start
     measured = sum(1 for r in results if r.seconds is not None)
+    report = tables(results, settings) + "\n\n" + targets(results, settings)
     print()
-    print(tables(results, settings))
-    print()
-    print(targets(results, settings))
+    print(report)
     if args.quick:
         print(
             "(--quick: tiny model, so fixed per-call costs dominate the times; the targets "
@@ -694,17 +673,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"before the timed loops ({measured} steps compiled ahead of time); 0 inside them."
     )
     print(f"Total benchmark time: {elapsed:.0f} s.")
-    if plot_path is not None:
-        plot(results, settings, plot_path)
-        print(f"Plot saved to {plot_path}.")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(results, settings, args.out / "scaling.png")
+        (args.out / "scaling.md").write_text(report + "\n")
         payload = {
             "machine": _timing.machine_info(),
             "model": asdict(model),
             "results": [asdict(r) for r in results],
         }
-        args.json.write_text(json.dumps(payload, indent=1))
+        (args.out / "scaling.json").write_text(json.dumps(payload, indent=1))
+        print(f"Wrote scaling.png, scaling.md and scaling.json to {args.out}.")
     return results
 
 

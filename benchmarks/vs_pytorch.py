@@ -28,35 +28,33 @@ the results agree (printed, not asserted):
 Both sides run on the CPU in float32 with all the process's cores
 (``torch.set_num_threads``; XLA uses every core by default).
 
-Run: ``python benchmarks/vs_pytorch.py`` (a few minutes; the PyTorch toy loop
-dominates) or ``python benchmarks/vs_pytorch.py --quick`` (seconds).
+Run from the repository root: ``python -m benchmarks.vs_pytorch`` (a few
+minutes; the PyTorch toy loop dominates) or ``python -m benchmarks.vs_pytorch
+--quick`` (seconds, a smoke test). The PyTorch side is the repository's
+reference: ``tests/reference/famo_torch.py`` (the paper's Algorithm 2, which
+also made the parity fixtures) and ``tests/reference/toy_torch.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _timing  # noqa: E402
-import scaling  # noqa: E402
-
-import famo_jax  # noqa: E402
+import famo_jax
+from benchmarks import _timing, scaling
+from famo_jax import problems
 
 TOY_START = (-8.5, 7.5)
 TOY_STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 TOY_MIN_LOSSES = (-2.1, -21.0)
-TOY_LOWER = 5e-6
-TOY_SCALE = 0.1
 TOY_MODEL_LR = 1e-3
 TOY_LOGITS_LR = 0.025
 TOY_GAMMA = 0.0
@@ -82,71 +80,36 @@ def usable_cores() -> int:
 # --- PyTorch side ----------------------------------------------------------------------
 
 
-def torch_famo_class(torch):
-    """FAMO of the paper's Algorithm 2 (Appendix C), as a PyTorch class.
+class TorchSide(NamedTuple):
+    """torch and the repository's PyTorch references (tests/reference/), imported lazily."""
 
-    Written here from the pseudocode so that the benchmark does not depend on
-    test code: ``xi`` starts at zero and is trained by ``Adam(lr,
-    weight_decay=gamma)``; ``get_weighted_loss`` returns ``sum(c z log D)`` with
-    ``D = l - m + 1e-8`` and ``c = 1 / sum(z / D)`` detached; ``update`` takes
-    ``delta = log D_prev - log D_curr`` and sets the logits' gradient to the
-    softmax's vector-Jacobian product with ``delta``.
-    """
-    functional = torch.nn.functional
-
-    class TorchFamo:
-        def __init__(self, num_tasks, min_losses, lr=0.025, gamma=0.001, dtype=None):
-            dtype = dtype or torch.float32
-            self.min_losses = torch.as_tensor(min_losses, dtype=dtype)
-            self.xi = torch.zeros(num_tasks, dtype=dtype, requires_grad=True)
-            self.xi_opt = torch.optim.Adam([self.xi], lr=lr, weight_decay=gamma)
-
-        def get_weighted_loss(self, losses):
-            z = functional.softmax(self.xi, -1)
-            gap = losses - self.min_losses + 1e-8
-            c = 1 / (z / gap).sum().detach()
-            return (c * gap.log() * z).sum()
-
-        def update(self, prev_losses, curr_losses):
-            delta = (prev_losses - self.min_losses + 1e-8).log() - (
-                curr_losses - self.min_losses + 1e-8
-            ).log()
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(
-                    functional.softmax(self.xi, -1), self.xi, grad_outputs=delta.detach()
-                )
-            self.xi_opt.zero_grad()
-            self.xi.grad = grad
-            self.xi_opt.step()
-
-        def logits_numpy(self):
-            return self.xi.detach().numpy().copy()
-
-    return TorchFamo
+    torch: Any
+    famo: Any  # FamoReference: the paper's Algorithm 2
+    toy_losses: Callable[[Any], Any]  # the authors' toy problem
 
 
-def torch_toy_losses(torch, theta):
-    """The toy losses of the paper's Appendix D, as the authors' code computes them."""
-    x1, x2 = theta[0], theta[1]
-    f1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), TOY_LOWER).log() + 6
-    f2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), TOY_LOWER).log() + 6
-    c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
-    g1 = ((-x1 + 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
-    g2 = ((-x1 - 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
-    c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
-    return torch.stack([TOY_SCALE * (f1 * c1 + g1 * c2), f2 * c1 + g2 * c2])
+def import_torch_side() -> TorchSide | None:
+    """The PyTorch side, or None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from tests.reference.famo_torch import FamoReference
+    from tests.reference.toy_torch import toy_losses
+
+    return TorchSide(torch, FamoReference, toy_losses)
 
 
-def torch_toy_run(torch, start, steps: int, dtype=None):
+def torch_toy_run(pt: TorchSide, start, steps: int, dtype=None):
     """The authors' toy loop with FAMO; returns (theta, losses, logits) as numpy."""
+    torch = pt.torch
     dtype = dtype or torch.float32
-    TorchFamo = torch_famo_class(torch)
     theta = torch.tensor(start, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=TOY_MODEL_LR)
-    famo = TorchFamo(2, TOY_MIN_LOSSES, lr=TOY_LOGITS_LR, gamma=TOY_GAMMA, dtype=dtype)
+    famo = pt.famo(2, TOY_MIN_LOSSES, lr=TOY_LOGITS_LR, gamma=TOY_GAMMA, dtype=dtype)
     prev = None
     for _ in range(steps):
-        losses = torch_toy_losses(torch, theta)
+        losses = pt.toy_losses(theta)
         if prev is not None:
             with torch.no_grad():
                 famo.update(prev, losses.detach())
@@ -156,8 +119,8 @@ def torch_toy_run(torch, start, steps: int, dtype=None):
         optimizer.step()
         prev = losses.detach()
     with torch.no_grad():
-        final = torch_toy_losses(torch, theta)
-    return theta.detach().numpy(), final.numpy(), famo.logits_numpy()
+        final = pt.toy_losses(theta)
+    return theta.detach().numpy(), final.numpy(), famo.logits.numpy().copy()
 
 
 class TorchMLP:
@@ -202,12 +165,12 @@ class TorchMLP:
         }
 
 
-def torch_mlp_steps(torch, params: dict, num_tasks: int, dtype=None):
+def torch_mlp_steps(pt: TorchSide, params: dict, num_tasks: int, dtype=None):
     """Steps of LS, FAMO same-batch and FAMO lagged for the PyTorch MLP.
 
     Returns name -> (make_state, step) with ``step(state, x, y)`` training in place.
     """
-    TorchFamo = torch_famo_class(torch)
+    torch = pt.torch
 
     def make_ls():
         net = TorchMLP(torch, params, dtype)
@@ -215,7 +178,8 @@ def torch_mlp_steps(torch, params: dict, num_tasks: int, dtype=None):
 
     def make_famo():
         net, opt, _, _ = make_ls()
-        return net, opt, TorchFamo(num_tasks, 0.0, lr=0.025, gamma=0.001, dtype=dtype), None
+        famo = pt.famo(num_tasks, [0.0] * num_tasks, lr=0.025, gamma=0.001, dtype=dtype)
+        return net, opt, famo, None
 
     def ls_step(state, x, y):
         net, opt, _, _ = state
@@ -259,47 +223,13 @@ def torch_mlp_steps(torch, params: dict, num_tasks: int, dtype=None):
 # --- JAX side ------------------------------------------------------------------------
 
 
-def _clamp_below(x, lower):
-    # torch.clamp's gradient: passes where x >= lower (ties included).
-    return jnp.where(x >= lower, x, lower)
-
-
-def _local_toy_losses(theta):
-    x1, x2 = theta[..., 0], theta[..., 1]
-    f1 = jnp.log(_clamp_below(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), TOY_LOWER)) + 6
-    f2 = jnp.log(_clamp_below(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), TOY_LOWER)) + 6
-    c1 = _clamp_below(jnp.tanh(0.5 * x2), 0.0)
-    g1 = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
-    g2 = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
-    c2 = _clamp_below(jnp.tanh(-0.5 * x2), 0.0)
-    return jnp.stack([TOY_SCALE * (f1 * c1 + g1 * c2), f2 * c1 + g2 * c2], axis=-1)
-
-
-def jax_toy_losses():
-    """famo_jax.problems.toy_losses when available, else the same function defined here."""
-    try:
-        from famo_jax.problems import toy_losses
-    except ImportError:
-        return _local_toy_losses, "benchmarks/vs_pytorch.py (famo_jax.problems not found)"
-    return toy_losses, "famo_jax.problems.toy_losses"
-
-
-def pareto_residuals(thetas) -> list[float] | None:
-    """Pareto-stationarity residuals of toy end points (None without famo_jax.problems)."""
-    try:
-        from famo_jax.problems import toy_pareto_residual
-    except ImportError:
-        return None
-    return [float(toy_pareto_residual(jnp.asarray(t, jnp.float32))) for t in thetas]
-
-
 def make_jax_toy_run(steps: int, dtype=jnp.float32):
     """A function of the start (shape (2,), or (n, 2) for n runs at once) running the toy.
 
     ``dtype`` is that of the FAMO logits (the start's dtype sets the model's);
     float64 needs ``jax.enable_x64``.
     """
-    toy_losses, _ = jax_toy_losses()
+    toy_losses = problems.toy_losses
     weighting = famo_jax.famo(
         2,
         learning_rate=TOY_LOGITS_LR,
@@ -338,7 +268,8 @@ def make_jax_toy_run(steps: int, dtype=jnp.float32):
 # --- Benchmarks ----------------------------------------------------------------------
 
 
-def bench_toy(torch, steps: int, jax_repeats: int) -> dict:
+def bench_toy(pt: TorchSide, steps: int, jax_repeats: int) -> dict:
+    torch = pt.torch
     start = jnp.asarray(TOY_START, jnp.float32)
     run = make_jax_toy_run(steps)
     t0 = time.perf_counter()
@@ -364,7 +295,7 @@ def bench_toy(torch, steps: int, jax_repeats: int) -> dict:
             five_times.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    torch_result = torch_toy_run(torch, TOY_START, steps)
+    torch_result = torch_toy_run(pt, TOY_START, steps)
     torch_seconds = time.perf_counter() - t0
 
     # The same runs in float64 on both sides (untimed): see TOY_ATOL.
@@ -372,7 +303,7 @@ def bench_toy(torch, steps: int, jax_repeats: int) -> dict:
         run64 = make_jax_toy_run(steps, jnp.float64)
         jax_result64 = jax.block_until_ready(run64(jnp.asarray(TOY_START, jnp.float64)))
         jax_result64 = [np.asarray(a) for a in jax_result64]
-    torch_result64 = torch_toy_run(torch, TOY_START, steps, torch.float64)
+    torch_result64 = torch_toy_run(pt, TOY_START, steps, torch.float64)
 
     names = ("theta", "losses", "logits")
 
@@ -404,10 +335,11 @@ JAX_MLP_STEPS = {
 }
 
 
-def _mlp_agreement(torch, params, batches, name, check_steps, jax_step, jax_carry, dtype):
+def _mlp_agreement(pt, params, batches, name, check_steps, jax_step, jax_carry, dtype):
+    torch = pt.torch
     """Runs the JAX and PyTorch steps on the same batches; max differences after."""
     to_torch = lambda a: torch.from_numpy(np.array(a))
-    make_state, torch_step = torch_mlp_steps(torch, params, batches[0][1].shape[1], dtype)[name]
+    make_state, torch_step = torch_mlp_steps(pt, params, batches[0][1].shape[1], dtype)[name]
     state = make_state()
     for bx, by in batches[:check_steps]:
         jax_carry = jax_step(jax_carry, bx, by)
@@ -425,14 +357,15 @@ def _mlp_agreement(torch, params, batches, name, check_steps, jax_step, jax_carr
     jax_losses = np.asarray(jax.jit(scaling.task_losses)(jax_params, x, y))
     return {
         "params": param_diff,
-        "logits": float(np.max(np.abs(np.asarray(jax_logits) - state[2].logits_numpy()))),
+        "logits": float(np.max(np.abs(np.asarray(jax_logits) - state[2].logits.numpy()))),
         "losses_rel": float(np.max(np.abs(jax_losses - torch_losses) / np.abs(torch_losses))),
     }
 
 
 def bench_mlp(
-    torch, cfg: scaling.ModelConfig, num_tasks: int, repeats: int, check_steps: int
+    pt: TorchSide, cfg: scaling.ModelConfig, num_tasks: int, repeats: int, check_steps: int
 ) -> dict:
+    torch = pt.torch
     key = jax.random.key(0)
     k_params, k_batch = jax.random.split(key)
     params = scaling.init_params(k_params, cfg, num_tasks)
@@ -442,7 +375,7 @@ def bench_mlp(
     ]
     x, y = batches[0]
     x_t, y_t = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))
-    torch_steps = torch_mlp_steps(torch, params, num_tasks)
+    torch_steps = torch_mlp_steps(pt, params, num_tasks)
     rows, agreement = {}, {}
     for name, maker in JAX_MLP_STEPS.items():
         step, carry = maker(params, x, y)
@@ -482,7 +415,7 @@ def bench_mlp(
         # Agreement in float32 (the executable just timed, on a fresh copy of the
         # carry) and in float64 (new programs, x64 enabled, float64 FAMO logits).
         agreement[(name, "float32")] = _mlp_agreement(
-            torch, params, batches, name, check_steps, compiled.fn,
+            pt, params, batches, name, check_steps, compiled.fn,
             _timing.fresh_copy(carry), torch.float32,
         )  # fmt: skip
         with jax.enable_x64(True):
@@ -490,65 +423,25 @@ def bench_mlp(
             params64, batches64 = to64(params), [to64(b) for b in batches]
             step64, carry64 = maker(params64, *batches64[0], logits_dtype=jnp.float64)
             agreement[(name, "float64")] = _mlp_agreement(
-                torch, params, batches64, name, check_steps, jax.jit(step64), carry64,
+                pt, params, batches64, name, check_steps, jax.jit(step64), carry64,
                 torch.float64,
             )  # fmt: skip
     return {"rows": rows, "agreement": agreement}
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny settings, seconds")
-    parser.add_argument("--toy-steps", type=int, help="steps of the toy run (default 50,000)")
-    parser.add_argument("--num-tasks", type=int, default=40, help="tasks of the MLP step")
-    parser.add_argument("--repeats", type=int, help="timed MLP steps (default 30)")
-    args = parser.parse_args(argv)
-
-    print("# famo_jax versus PyTorch (FAMO of the paper's Algorithm 2), CPU\n")
-    try:
-        import torch
-    except ImportError:
-        print("PyTorch is not installed: skipping this benchmark (pip install torch to run it).")
-        return None
-    threads = usable_cores()
-    torch.set_num_threads(threads)
-    _timing.print_machine_info(
-        {"torch": f"{torch.__version__} ({torch.get_num_threads()} threads)"}
-    )
-
-    toy_steps = args.toy_steps or (500 if args.quick else 50_000)
-    cfg = scaling.QUICK_MODEL if args.quick else scaling.ModelConfig()
-    num_tasks = 4 if args.quick and args.num_tasks == 40 else args.num_tasks
-    repeats = args.repeats or (5 if args.quick else 30)
-
-    _, toy_source = jax_toy_losses()
-    print(
-        f"## (a) Toy problem: {toy_steps:,} steps from {TOY_START}, Adam lr {TOY_MODEL_LR}, "
-        f"FAMO min_losses {TOY_MIN_LOSSES}, gamma {TOY_GAMMA}, logits lr {TOY_LOGITS_LR}\n"
-        f"JAX losses: {toy_source}.\n"
-    )
-    toy = bench_toy(torch, toy_steps, jax_repeats=3 if args.quick else 5)
+def print_toy_report(toy: dict) -> None:
+    steps = toy["steps"]
     speedup = toy["torch_seconds"] / toy["jax_seconds"]
+    seconds = lambda total: [_timing.format_seconds(total), _timing.format_seconds(total / steps)]
     print(
         _timing.markdown_table(
             ["implementation", "whole run", "per step", "speed-up"],
             [
-                [
-                    "PyTorch loop",
-                    _timing.format_seconds(toy["torch_seconds"]),
-                    _timing.format_seconds(toy["torch_seconds"] / toy_steps),
-                    "1x",
-                ],
-                [
-                    "JAX, one jitted lax.scan",
-                    _timing.format_seconds(toy["jax_seconds"]),
-                    _timing.format_seconds(toy["jax_seconds"] / toy_steps),
-                    f"{speedup:.0f}x",
-                ],
+                ["PyTorch loop", *seconds(toy["torch_seconds"]), "1x"],
+                ["JAX, one jitted lax.scan", *seconds(toy["jax_seconds"]), f"{speedup:.0f}x"],
                 [
                     "JAX, 5 starts vmapped in one scan",
-                    _timing.format_seconds(toy["jax_five_seconds"]),
-                    _timing.format_seconds(toy["jax_five_seconds"] / toy_steps),
+                    *seconds(toy["jax_five_seconds"]),
                     f"{5 * toy['torch_seconds'] / toy['jax_five_seconds']:.0f}x vs 5 PyTorch runs",
                 ],
             ],
@@ -560,22 +453,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"{'met' if speedup >= 100 else 'MISSED'} ({speedup:.0f}x)."
     )
     fmt = lambda a: np.array2string(np.asarray(a), precision=5, separator=", ")
-    print(f"Final theta: JAX {fmt(toy['jax'][0])}, PyTorch {fmt(toy['torch'][0])}")
-    print(f"Final losses: JAX {fmt(toy['jax'][1])}, PyTorch {fmt(toy['torch'][1])}")
-    print(f"Final logits: JAX {fmt(toy['jax'][2])}, PyTorch {fmt(toy['torch'][2])}")
+    for index, name in enumerate(("theta", "losses", "logits")):
+        print(f"Final {name}: JAX {fmt(toy['jax'][index])}, PyTorch {fmt(toy['torch'][index])}")
     print(
         "Max |JAX - PyTorch| (float32): "
         + ", ".join(f"{n} {d:.2e}" for n, d in toy["diffs"].items())
         + "."
     )
-    residuals = pareto_residuals([toy["jax"][0], toy["torch"][0]])
-    if residuals is not None:
-        on_front = all(r < PARETO_THRESHOLD for r in residuals)
-        print(
-            f"Pareto-stationarity residual at the end (float32): JAX {residuals[0]:.1e}, "
-            f"PyTorch {residuals[1]:.1e}; both on the front (< {PARETO_THRESHOLD:g}): "
-            f"{'yes' if on_front else 'no'}."
-        )
+    residuals = [
+        float(problems.toy_pareto_residual(jnp.asarray(theta, jnp.float32)))
+        for theta in (toy["jax"][0], toy["torch"][0])
+    ]
+    on_front = all(r < PARETO_THRESHOLD for r in residuals)
+    print(
+        f"Pareto-stationarity residual at the end (float32): JAX {residuals[0]:.1e}, "
+        f"PyTorch {residuals[1]:.1e}; both on the front (< {PARETO_THRESHOLD:g}): "
+        f"{'yes' if on_front else 'no'}."
+    )
     worst64 = max(toy["diffs64"].values())
     print(
         "Same runs in float64, max |JAX - PyTorch|: "
@@ -587,64 +481,88 @@ def main(argv: list[str] | None = None) -> dict | None:
         "a run ends is decided by rounding, see TOY_ATOL in this script.)\n"
     )
 
-    print(
-        f"## (b) One training step: {cfg.describe()}; k = {num_tasks} tasks; FAMO "
-        "defaults (lr 0.025, gamma 0.001)\n"
-    )
-    mlp = bench_mlp(torch, cfg, num_tasks, repeats, check_steps=3 if args.quick else 10)
-    rows = []
-    for name, r in mlp["rows"].items():
-        rows.append(
-            [
-                name,
-                _timing.format_seconds(r["torch_seconds"]),
-                _timing.format_seconds(r["jax_seconds"]),
-                f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
-            ]
-        )
+
+def print_mlp_report(mlp: dict, repeats: int, check_steps: int) -> None:
+    rows = [
+        [
+            name,
+            _timing.format_seconds(r["torch_seconds"]),
+            _timing.format_seconds(r["jax_seconds"]),
+            f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
+        ]
+        for name, r in mlp["rows"].items()
+    ]
     print(
         _timing.markdown_table(
             ["method", "PyTorch step (median)", "JAX jitted step (median)", "speed-up"], rows
         )
     )
-    main_speedup = (
-        mlp["rows"]["FAMO same-batch"]["torch_seconds"]
-        / mlp["rows"]["FAMO same-batch"]["jax_seconds"]
-    )
+    same_batch = mlp["rows"]["FAMO same-batch"]
+    main_speedup = same_batch["torch_seconds"] / same_batch["jax_seconds"]
     print(
         f"\nMedian of {max(2, -(-repeats // MLP_BLOCK_STEPS)) * MLP_BLOCK_STEPS} steps per "
         f"framework, in alternating blocks of {MLP_BLOCK_WARMUP} untimed and {MLP_BLOCK_STEPS} "
-        f"timed steps. Target (FAMO same-batch, "
-        f"the authors' mode): >= 2x: {'met' if main_speedup >= 2 else 'MISSED'} "
-        f"({main_speedup:.2f}x)."
+        "timed steps. Target (FAMO same-batch, the authors' mode): >= 2x: "
+        f"{'met' if main_speedup >= 2 else 'MISSED'} ({main_speedup:.2f}x)."
     )
-    check_steps = 3 if args.quick else 10
     print(f"\nAgreement after {check_steps} steps from the same weights on the same batches:\n")
     agreement_rows = []
     for (name, precision), a in mlp["agreement"].items():
-        judged = precision == "float64"
         ok = a["params"] <= MLP_ATOL and a["logits"] <= MLP_ATOL
+        verdict = ("yes" if ok else "NO") if precision == "float64" else "(info)"
         agreement_rows.append(
             [name, precision, f"{a['params']:.1e}", f"{a['logits']:.1e}",
-             f"{a['losses_rel']:.1e}", ("yes" if ok else "NO") if judged else "(info)"]
+             f"{a['losses_rel']:.1e}", verdict]
         )  # fmt: skip
-    print(
-        _timing.markdown_table(
-            [
-                "method",
-                "precision",
-                "max |params diff|",
-                "max |logits diff|",
-                "max rel. loss diff",
-                f"within {MLP_ATOL:g}",
-            ],
-            agreement_rows,
-        )  # fmt: skip
-    )
+    header = ["method", "precision", "max |params diff|", "max |logits diff|"]
+    header += ["max rel. loss diff", f"within {MLP_ATOL:g}"]
+    print(_timing.markdown_table(header, agreement_rows))
     print(
         "\n(Judged in float64: in float32, Adam turns rounding-level differences of "
         "near-zero gradients into differences of up to the learning rate per step.)"
     )
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, seconds")
+    parser.add_argument("--toy-steps", type=int, help="steps of the toy run (default 50,000)")
+    parser.add_argument("--num-tasks", type=int, default=40, help="tasks of the MLP step")
+    parser.add_argument("--repeats", type=int, help="timed MLP steps (default 30)")
+    args = parser.parse_args(argv)
+
+    print("# famo_jax versus PyTorch (FAMO of the paper's Algorithm 2), CPU\n")
+    if args.quick:
+        print("(--quick: a smoke test on tiny settings; the figures mean nothing.)\n")
+    pt = import_torch_side()
+    if pt is None:
+        print("PyTorch is not installed: skipping this benchmark (pip install torch to run it).")
+        return None
+    pt.torch.set_num_threads(usable_cores())
+    _timing.print_machine_info(
+        {"torch": f"{pt.torch.__version__} ({pt.torch.get_num_threads()} threads)"}
+    )
+
+    toy_steps = args.toy_steps or (500 if args.quick else 50_000)
+    cfg = scaling.QUICK_MODEL if args.quick else scaling.ModelConfig()
+    num_tasks = 4 if args.quick and args.num_tasks == 40 else args.num_tasks
+    repeats = args.repeats or (5 if args.quick else 30)
+    check_steps = 3 if args.quick else 10
+
+    print(
+        f"## (a) Toy problem: {toy_steps:,} steps from {TOY_START}, Adam lr {TOY_MODEL_LR}, "
+        f"FAMO min_losses {TOY_MIN_LOSSES}, gamma {TOY_GAMMA}, logits lr {TOY_LOGITS_LR}\n"
+        "JAX losses: famo_jax.problems.toy_losses; PyTorch: tests/reference/toy_torch.py.\n"
+    )
+    toy = bench_toy(pt, toy_steps, jax_repeats=3 if args.quick else 5)
+    print_toy_report(toy)
+
+    print(
+        f"## (b) One training step: {cfg.describe()}; k = {num_tasks} tasks; FAMO "
+        "defaults (lr 0.025, gamma 0.001)\n"
+    )
+    mlp = bench_mlp(pt, cfg, num_tasks, repeats, check_steps=check_steps)
+    print_mlp_report(mlp, repeats, check_steps)
     return {"toy": toy, "mlp": mlp}
 
 

@@ -162,21 +162,37 @@ def split_batch(batch: Batch, num_devices: int) -> Batch:
     return jax.tree.map(lambda a: a.reshape(num_devices, size // num_devices, *a.shape[1:]), batch)
 
 
-def train_single_device(train_state, batch, num_steps, *, num_tasks, optimizer, **famo_kwargs):
-    """Reference: ``num_steps`` steps on the whole batch, on one device."""
-    weighting = famo_jax.famo(num_tasks, **famo_kwargs)
+def train_single_device(
+    train_state, batch, num_steps, *, num_tasks, optimizer, factory=famo_jax.famo, **famo_kwargs
+):
+    """Reference: ``num_steps`` steps on the whole batch, on one device.
+
+    ``factory(num_tasks, axis_name=..., **famo_kwargs)`` builds the weighting
+    (``famo_jax.famo`` by default; any loss weighting that takes ``axis_name``).
+    """
+    weighting = factory(num_tasks, **famo_kwargs)
     step = make_train_step(weighting, optimizer)
     return jax.jit(_scan_steps(step, num_steps))(train_state, batch)
 
 
-def train_pmap(train_state, batch, num_steps, *, num_tasks, optimizer, devices=None, **famo_kwargs):
+def train_pmap(
+    train_state,
+    batch,
+    num_steps,
+    *,
+    num_tasks,
+    optimizer,
+    devices=None,
+    factory=famo_jax.famo,
+    **famo_kwargs,
+):
     """``pmap`` over ``devices``: returns the state of device 0 and every device's losses.
 
     The state is replicated on the way in (``in_axes=None``) and every replica
     ends with the same state, since they all apply the same averaged updates.
     """
     devices = jax.local_devices() if devices is None else devices
-    weighting = famo_jax.famo(num_tasks, axis_name=AXIS, **famo_kwargs)
+    weighting = factory(num_tasks, axis_name=AXIS, **famo_kwargs)
     step = make_train_step(weighting, optimizer, axis_name=AXIS)
     run = jax.pmap(_scan_steps(step, num_steps), axis_name=AXIS, in_axes=(None, 0), devices=devices)
     replicated_state, losses = run(train_state, split_batch(batch, len(devices)))
@@ -189,9 +205,19 @@ def make_data_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
-def train_shard_map(train_state, batch, num_steps, *, num_tasks, optimizer, mesh, **famo_kwargs):
+def train_shard_map(
+    train_state,
+    batch,
+    num_steps,
+    *,
+    num_tasks,
+    optimizer,
+    mesh,
+    factory=famo_jax.famo,
+    **famo_kwargs,
+):
     """``shard_map`` over ``mesh``: the batch is split on its leading axis, the state replicated."""
-    weighting = famo_jax.famo(num_tasks, axis_name=AXIS, **famo_kwargs)
+    weighting = factory(num_tasks, axis_name=AXIS, **famo_kwargs)
     step = make_train_step(weighting, optimizer, axis_name=AXIS)
     run = jax.shard_map(
         _scan_steps(step, num_steps),
@@ -237,6 +263,7 @@ def compare_styles(
     dtype=jnp.float32,
     seed: int = 0,
     styles=STYLES,
+    factory=famo_jax.famo,
     **famo_kwargs,
 ) -> dict[str, dict[str, float]]:
     """Trains with every style and with one device; returns the largest deviations.
@@ -251,8 +278,8 @@ def compare_styles(
     params = init_params(key_params, input_dim, hidden, num_tasks, dtype)
     batch = make_batch(key_batch, batch_size, input_dim, num_tasks, dtype)
     optimizer = optax.adam(learning_rate)
-    state = init_train_state(params, famo_jax.famo(num_tasks, **famo_kwargs), optimizer)
-    common = dict(num_tasks=num_tasks, optimizer=optimizer, **famo_kwargs)
+    state = init_train_state(params, factory(num_tasks, **famo_kwargs), optimizer)
+    common = dict(num_tasks=num_tasks, optimizer=optimizer, factory=factory, **famo_kwargs)
     single_state, single_losses = train_single_device(state, batch, num_steps, **common)
 
     def deviations(other_state, other_losses):
@@ -280,7 +307,7 @@ def compare_styles(
     if "jit" in styles:
         report["jit"] = deviations(*train_sharded_jit(state, batch, num_steps, mesh=mesh, **common))
     report["single"] = {
-        "final_task_weights": np.asarray(single_state.famo_state.task_weights).tolist(),
+        "final_task_weights": np.asarray(jax.nn.softmax(single_state.famo_state.logits)).tolist(),
         "num_updates": int(single_state.famo_state.num_updates),
     }
     return report

@@ -18,7 +18,7 @@ Two ways of calling FAMO's ``update``:
   the step is weighted; step 0 has no predecessor and skips it.
 
 Each run shows a tqdm progress bar; the script prints the per-task test metrics
-of both modes and saves a plot of the task losses and task weights.
+of both modes and, with ``--plot PATH``, saves a plot of the task losses and weights.
 
 Run: ``python examples/flax_linen_multitask.py`` (about a minute on 2 CPU
 cores) or ``python examples/flax_linen_multitask.py --quick`` (seconds).
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gamma", type=float, default=0.001)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="flax_linen_multitask.png", help="'' for no plot")
+    parser.add_argument("--plot", default=None, help="where to save the plot (default: no plot)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--quick", action="store_true", help="tiny setting for tests: 30 steps, hidden 16"
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.hidden, args.batch_size = 30, 16, 32
+        print("(--quick: a smoke test of 30 steps; the metrics mean nothing.)")
 
     train_split, test_split = _digits.load_split(seed=args.seed)
     print(

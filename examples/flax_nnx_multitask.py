@@ -3,23 +3,23 @@
 The model is an ``nnx.Module`` (an MLP trunk and one linear head per task, see
 ``_digits.py`` for the five tasks); its parameters are trained by
 ``nnx.Optimizer(model, optax.adam(...), wrt=nnx.Param)`` on FAMO's weighted
-loss. FAMO's state is an ordinary pytree (``famo_jax.FAMOState``) passed in and
-out of the ``nnx.jit``-compiled step, next to the model and its optimizer.
+loss. FAMO is a ``famo_jax.nnx.Weighting``: an NNX object, like the optimizer,
+whose state (a ``famo_jax.FAMOState``) is NNX state updated in place inside the
+``nnx.jit``-compiled step.
 
 Two ways of calling ``update``:
 
 - ``same-batch`` (the authors'): after the model step the same batch's task
   losses are re-computed under the new parameters (one extra forward pass, no
   gradient) and ``update(losses_before, losses_after)`` is called;
-- ``lagged`` (no extra forward pass): at step ``t`` the losses just computed for
-  the gradient, ``losses_t``, and the previous step's ``losses_{t-1}`` give
-  ``update(losses_{t-1}, losses_t)`` *before* the step is weighted, so the
-  weights of step ``t`` react to the effect of step ``t-1``, as in the
-  same-batch mode (only measured on two different batches). Step 0 has no
-  predecessor and skips the update.
+- ``lagged`` (no extra forward pass): after the model step on ``losses_t``,
+  ``update(losses_{t-1}, losses_t)`` compares the losses of two consecutive
+  steps (on two different batches). Step 0 has no predecessor: the previous
+  losses start at NaN, so FAMO skips that update by its rule for non-finite
+  losses, without a branch.
 
 Each run shows a tqdm progress bar; the script prints the per-task test metrics
-of both modes and saves a plot of the task losses and task weights.
+of both modes and, with ``--plot PATH``, saves a plot of the task losses and weights.
 
 Run: ``python examples/flax_nnx_multitask.py`` (about a minute on 2 CPU cores)
 or ``python examples/flax_nnx_multitask.py --quick`` (seconds).
@@ -28,7 +28,6 @@ or ``python examples/flax_nnx_multitask.py --quick`` (seconds).
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 import jax
@@ -39,6 +38,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import famo_jax
+import famo_jax.nnx
 
 if __package__:
     from . import _digits
@@ -73,74 +73,65 @@ class MultiHeadMLP(nnx.Module):
         return tuple(head(features) for head in self.heads)
 
 
-def _record(
-    weighting: famo_jax.LossWeighting, losses: jax.Array, famo_state: famo_jax.FAMOState
-) -> dict[str, jax.Array]:
+def _record(weighting: famo_jax.nnx.Weighting, losses: jax.Array) -> dict[str, jax.Array]:
     """What the history keeps of a step: losses and the weights that were used."""
     return {
         "losses": losses,
-        "task_weights": famo_state.task_weights,
-        "loss_weights": famo_jax.loss_weights(weighting, losses, famo_state),
+        "task_weights": weighting.task_weights,
+        "loss_weights": weighting.loss_weights(losses),
     }
 
 
-@functools.partial(nnx.jit, static_argnums=0)
-def same_batch_step(
-    weighting: famo_jax.LossWeighting,
+def _weighted_step(
     model: MultiHeadMLP,
     optimizer: nnx.Optimizer,
-    famo_state: famo_jax.FAMOState,
+    weighting: famo_jax.nnx.Weighting,
     images: jax.Array,
     digits: jax.Array,
-) -> tuple[famo_jax.FAMOState, dict[str, jax.Array]]:
-    """One model step on FAMO's weighted loss, then FAMO's same-batch update."""
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One model step on FAMO's weighted loss; returns the losses and the record."""
 
     def objective(model: MultiHeadMLP) -> tuple[jax.Array, jax.Array]:
         losses = _digits.task_losses(model(images), digits)
-        return weighting.weigh(losses, famo_state), losses
+        return weighting(losses), losses
 
     (_, losses), grads = nnx.value_and_grad(objective, has_aux=True)(model)
-    record = _record(weighting, losses, famo_state)
+    record = _record(weighting, losses)
     optimizer.update(model, grads)
-    # The authors' update: the same batch's losses under the new parameters.
-    new_losses = _digits.task_losses(model(images), digits)
-    famo_state = weighting.update(losses, new_losses, famo_state)
-    return famo_state, record
+    return losses, record
 
 
-@functools.partial(nnx.jit, static_argnums=0)
-def lagged_step(
-    weighting: famo_jax.LossWeighting,
+@nnx.jit
+def same_batch_step(
     model: MultiHeadMLP,
     optimizer: nnx.Optimizer,
-    famo_state: famo_jax.FAMOState,
+    weighting: famo_jax.nnx.Weighting,
+    images: jax.Array,
+    digits: jax.Array,
+) -> dict[str, jax.Array]:
+    """One model step on FAMO's weighted loss, then FAMO's same-batch update."""
+    losses, record = _weighted_step(model, optimizer, weighting, images, digits)
+    # The authors' update: the same batch's losses under the new parameters.
+    weighting.update(losses, _digits.task_losses(model(images), digits))
+    return record
+
+
+@nnx.jit
+def lagged_step(
+    model: MultiHeadMLP,
+    optimizer: nnx.Optimizer,
+    weighting: famo_jax.nnx.Weighting,
     prev_losses: jax.Array,
     images: jax.Array,
     digits: jax.Array,
-) -> tuple[famo_jax.FAMOState, jax.Array, dict[str, jax.Array]]:
-    """FAMO's update from the previous step's losses, then one model step.
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One model step, then FAMO's update from the previous step's losses to these.
 
-    Returns the new FAMO state, this step's losses (the next step's
-    ``prev_losses``) and the record of the step.
+    Returns this step's losses (the next step's ``prev_losses``) and the record.
     """
-    is_first_step = optimizer.step[...] == 0
-
-    def objective(model: MultiHeadMLP) -> tuple[jax.Array, Any]:
-        losses = _digits.task_losses(model(images), digits)
-        # FAMO's state must not depend on the parameters: its update only sees
-        # the values of the losses.
-        observed = jax.lax.stop_gradient(losses)
-        state = jax.lax.cond(
-            is_first_step,
-            lambda s: s,
-            lambda s: weighting.update(prev_losses, observed, s),
-            famo_state,
-        )
-        return weighting.weigh(losses, state), (losses, state)
-
-    (_, (losses, famo_state)), grads = nnx.value_and_grad(objective, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return famo_state, losses, _record(weighting, losses, famo_state)
+    losses, record = _weighted_step(model, optimizer, weighting, images, digits)
+    weighting.update(prev_losses, losses)
+    return losses, record
 
 
 @nnx.jit
@@ -172,21 +163,18 @@ def train(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     model = MultiHeadMLP(hidden, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
-    weighting = famo_jax.famo(_digits.NUM_TASKS, learning_rate=famo_learning_rate, gamma=gamma)
-    famo_state = weighting.init()
-    prev_losses = jnp.zeros(_digits.NUM_TASKS)
+    weighting = famo_jax.nnx.famo(_digits.NUM_TASKS, learning_rate=famo_learning_rate, gamma=gamma)
+    prev_losses = jnp.full(_digits.NUM_TASKS, jnp.nan)  # step 0 has no predecessor
     records = []
     data = _digits.batches(train_split, batch_size, seed=seed)
     bar = tqdm(range(steps), desc=f"nnx {mode}", disable=not progress, leave=False)
     for step in bar:
         images, digits = next(data)
         if mode == "same-batch":
-            famo_state, record = same_batch_step(
-                weighting, model, optimizer, famo_state, images, digits
-            )
+            record = same_batch_step(model, optimizer, weighting, images, digits)
         else:
-            famo_state, prev_losses, record = lagged_step(
-                weighting, model, optimizer, famo_state, prev_losses, images, digits
+            prev_losses, record = lagged_step(
+                model, optimizer, weighting, prev_losses, images, digits
             )
         records.append(record)
         if step % 50 == 0 or step == steps - 1:
@@ -194,7 +182,7 @@ def train(
     history = _digits.History(
         **{name: np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
     )
-    return model, famo_state, history
+    return model, weighting.value, history
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gamma", type=float, default=0.001)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="flax_nnx_multitask.png", help="'' for no plot")
+    parser.add_argument("--plot", default=None, help="where to save the plot (default: no plot)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--quick", action="store_true", help="tiny setting for tests: 30 steps, hidden 16"
@@ -216,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.hidden, args.batch_size = 30, 16, 32
+        print("(--quick: a smoke test of 30 steps; the metrics mean nothing.)")
 
     train_split, test_split = _digits.load_split(seed=args.seed)
     print(

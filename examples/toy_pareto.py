@@ -20,7 +20,8 @@ residual (norm of the min-norm convex combination of the two task gradients)
 and whether the run reached the Pareto front (residual below ``--threshold``),
 plus the wall time of each method (compilation timed separately), and saves
 
-* ``--out`` (default ``docs/toy_pareto.png``): per method, the trajectories in
+* with ``--out DIR``, ``DIR/toy_pareto.png`` (the committed figure is
+  ``docs/toy_pareto.png``; nothing is written without ``--out``): per method, the trajectories in
   parameter space over the contours of the average loss with the Pareto set,
   and in loss space with the Pareto front (the paper's Figure 1);
 * the same name with ``_curves`` appended: the two task losses against steps.
@@ -415,7 +416,9 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50_000, help="Adam steps per start")
     parser.add_argument("--quick", action="store_true", help="200 steps, coarse plots")
-    parser.add_argument("--out", type=Path, default=Path("docs/toy_pareto.png"))
+    parser.add_argument(
+        "--out", type=Path, help="directory for the figures (default: none; docs/ has them)"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--famo-gamma",
@@ -440,9 +443,18 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         f"{len(problems.TOY_STARTS)} starts; FAMO gamma {args.famo_gamma:g}; "
         f"reached front = residual < {args.threshold:g}\n"
     )
+    if args.quick:
+        print("(--quick: a smoke test of 200 steps, far from converged.)\n")
     print(format_table(results, args.threshold))
-    paths = plot(results, args.out, args.threshold, grid_size=60 if args.quick else 300)
-    print("\nsaved", *paths)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths = plot(
+            results,
+            args.out / "toy_pareto.png",
+            args.threshold,
+            grid_size=60 if args.quick else 300,
+        )
+        print("\nsaved", *paths)
     return results
 
 

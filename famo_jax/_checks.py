@@ -7,6 +7,7 @@ properties (shape and dtype) only, because values cannot raise under ``jit``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -83,9 +84,18 @@ def check_optimizer(
     return optimizer
 
 
-def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) -> Any:
-    """Raises unless ``value`` is a finite real number >= 0 (or a schedule)."""
+def check_nonnegative(
+    name: str, value: Any, *, allow_callable: bool = False, allow_traced: bool = False
+) -> Any:
+    """Raises unless ``value`` is a finite real number >= 0 (or a schedule).
+
+    With ``allow_traced``, a traced 0-d floating array passes unchecked: what
+    ``optax.inject_hyperparams`` gives a factory inside ``jit``, where the value
+    cannot be read (it was checked when the hyperparameter was first given).
+    """
     if allow_callable and callable(value):
+        return value
+    if allow_traced and isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
         return value
     if np.ndim(value) == 0 and isinstance(value, (np.ndarray, np.generic, jax.Array)):
         # A concrete 0-d array (e.g. jnp.asarray(0.01)) is a number too; a tracer
@@ -96,7 +106,7 @@ def check_nonnegative(name: str, value: Any, *, allow_callable: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number >= 0 or an optax schedule" if allow_callable else "a number >= 0"
         raise TypeError(f"{name} must be {expected}, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
+    if not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
     return value
 
@@ -124,6 +134,11 @@ def check_task_vector(name: str, value: Any, num_tasks: int) -> np.ndarray:
 def check_losses(name: str, losses: Any, num_tasks: int) -> jax.Array:
     """Checks the static shape and dtype of a loss vector and returns it as an array.
 
+    One rule for every input: ``losses`` (an array, or a sequence of numbers)
+    must have a real floating dtype once converted with ``jnp.asarray``, so a
+    Python list of floats is taken and a list of ints is rejected exactly as an
+    int32 array is.
+
     Args:
       name: the argument name used in error messages.
       losses: array-like of task losses.
@@ -133,21 +148,25 @@ def check_losses(name: str, losses: Any, num_tasks: int) -> jax.Array:
       ``losses`` as a ``jax.Array`` of a floating dtype.
 
     Raises:
-      TypeError: if the dtype is not a real floating dtype.
+      TypeError: if ``losses`` is not an array or its dtype is not a real
+        floating dtype.
       ValueError: if the shape is not ``(num_tasks,)``.
     """
-    dtype = getattr(losses, "dtype", None)
-    if dtype is None:
-        losses = jnp.asarray(losses, dtype=jnp.result_type(float))
-        dtype = losses.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
+    try:
+        array = jnp.asarray(losses)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be an array of shape (num_tasks,) = ({num_tasks},) with a floating "
+            f"dtype, got {type(losses).__name__}."
+        ) from err
+    if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {dtype}."
+            f"float64), got {array.dtype}: compute the losses in floating point, or cast "
+            "them with .astype(jnp.float32)."
         )
-    shape = jnp.shape(losses)
-    if shape != (num_tasks,):
+    if array.shape != (num_tasks,):
         raise ValueError(
-            f"{name} must have shape (num_tasks,) = ({num_tasks},), got shape {shape}."
+            f"{name} must have shape (num_tasks,) = ({num_tasks},), got shape {array.shape}."
         )
-    return jnp.asarray(losses)
+    return array

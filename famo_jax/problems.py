@@ -48,7 +48,7 @@ TOY_PAPER_STARTS = np.array([[-8.5, 7.5], [-8.5, 5.0], [0.0, 0.0], [9.0, 9.0], [
 """The five starting points listed in Section 5.1 of the paper, shape ``(5, 2)``."""
 
 TOY_MIN_LOSSES = (-2.1, -21.0)
-"""The ``min_losses`` the authors pass to FAMO on the toy: ``(-21 * TOY_SCALE, -21)``.
+"""The ``min_losses`` that the authors pass to FAMO on the toy, ``(-21 * TOY_SCALE, -21)``.
 
 They are strict lower bounds: the losses are bounded below by ``-2.0`` and
 ``-20.0``.

@@ -67,6 +67,18 @@ def main() -> None:
             replicated.famo_state.logits[0], reference.famo_state.logits
         ),
     }
+    # Every loss weighting of the test registry that takes axis_name, the same way.
+    from tests import registry
+
+    result["registry"] = {
+        case.name: dp.compare_styles(
+            num_steps=num_steps,
+            num_tasks=num_tasks,
+            factory=lambda k, axis_name=None, case=case: case.build_with_axis_name(k, axis_name),
+        )
+        for case in registry.WEIGHTINGS
+        if case.axis_name
+    }
     print(json.dumps(result))
 
 

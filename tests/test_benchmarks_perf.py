@@ -8,11 +8,9 @@ comparison skips cleanly without torch and agrees with torch when present.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-import famo_jax
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-_timing = importlib.import_module("_timing")
-scaling = importlib.import_module("scaling")
-famo_overhead = importlib.import_module("famo_overhead")
-vs_pytorch = importlib.import_module("vs_pytorch")
+from benchmarks import _timing, famo_overhead, scaling, vs_pytorch
 
 FAST = ["--quick", "--rounds", "2", "--repeats", "2"]
 
@@ -42,14 +32,11 @@ def _mean_aggregator() -> optax.GradientTransformation:
 
 
 def test_scaling_quick_loss_weightings(tmp_path, capsys):
-    plot_path, json_path = tmp_path / "scaling.png", tmp_path / "scaling.json"
-    # The plot needs matplotlib (the "examples" extra); the rest does not.
+    # The plot needs matplotlib (the "examples" extra), so --out does too.
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    plot_args = ["--plot", str(plot_path)] if has_matplotlib else []
+    out_args = ["--out", str(tmp_path)] if has_matplotlib else []
     methods = ["LS", "FAMO lagged", "FAMO same-batch"]
-    results = scaling.main(
-        [*FAST, "--ks", "3", "--methods", *methods, *plot_args, "--json", str(json_path)]
-    )
+    results = scaling.main([*FAST, "--ks", "3", "--methods", *methods, *out_args])
     out = capsys.readouterr().out
     assert {(r.method, r.num_tasks) for r in results} == {(m, 3) for m in methods}
     for r in results:
@@ -62,9 +49,11 @@ def test_scaling_quick_loss_weightings(tmp_path, capsys):
     same = scaling.ratio(results, "FAMO same-batch", 3, "flops")
     assert 1.0 <= lagged < 1.1 and same > lagged
     assert "Median step time" in out and "Recompilation check" in out and "cpu count" in out
-    assert '"results"' in json_path.read_text()
+    assert "smoke test" in out
     if has_matplotlib:
-        assert plot_path.stat().st_size > 0
+        assert '"results"' in (tmp_path / "scaling.json").read_text()
+        assert "Median step time" in (tmp_path / "scaling.md").read_text()
+        assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
 def test_scaling_memory_budget_skips_large_k(capsys):
@@ -86,14 +75,11 @@ def test_scaling_memory_budget_skips_large_k(capsys):
 
 @pytest.mark.slow
 def test_scaling_runs_every_aggregator():
-    # Every O(k) method famo_jax has goes through the benchmark's step (the full
-    # run would otherwise find a broken one only after minutes).
+    # Every O(k) method goes through the benchmark's step (the full run would
+    # otherwise find a broken one only after minutes).
     results = scaling.main([*FAST, "--ks", "2", "--methods", "LS", *scaling.AGGREGATORS])
     for r in results:
-        if r.method != "LS" and scaling.aggregator_factory(r.method) is None:
-            assert r.skipped == "not in famo_jax"
-        else:
-            assert r.skipped is None and r.seconds > 0 and r.memory_total > 0
+        assert r.skipped is None and r.seconds > 0 and r.memory_total > 0
 
 
 def test_floor_aggregator_weights_by_inverse_norm():
@@ -103,20 +89,13 @@ def test_floor_aggregator_weights_by_inverse_norm():
     np.testing.assert_allclose(out["w"], weights @ np.array([[3.0, 4.0], [0.0, 1.0]]), rtol=1e-6)
 
 
-def test_scaling_aggregator_step_matches_mean_gradient():
+def test_scaling_aggregator_step_matches_mean_gradient(monkeypatch):
     # With the mean aggregator, the aggregator step must be exactly the LS step.
     cfg = scaling.QUICK_MODEL
     params = scaling.init_params(jax.random.key(0), cfg, 3)
     x, y = scaling.make_batch(jax.random.key(1), cfg, 3)
-    famo_jax_attr = getattr(famo_jax, "cagrad", None)
-    try:
-        famo_jax.cagrad = _mean_aggregator
-        agg_step, agg_carry = scaling.make_aggregator("CAGrad")(params, x, y)
-    finally:
-        if famo_jax_attr is None:
-            del famo_jax.cagrad
-        else:
-            famo_jax.cagrad = famo_jax_attr
+    monkeypatch.setitem(scaling.AGGREGATORS, "CAGrad", _mean_aggregator)
+    agg_step, agg_carry = scaling.make_aggregator("CAGrad")(params, x, y)
     ls_step, ls_carry = scaling.make_ls(params, x, y)
     agg_params = jax.jit(agg_step)(agg_carry, x, y)[0]
     ls_params = jax.jit(ls_step)(ls_carry, x, y)[0]
@@ -201,14 +180,3 @@ def test_vs_pytorch_quick_agrees_with_torch(capsys):
         assert agreement["params"] <= tol and agreement["logits"] <= tol
     assert {precision for _, precision in out["mlp"]["agreement"]} == {"float32", "float64"}
     assert "speed-up" in capsys.readouterr().out
-
-
-def test_local_toy_losses_match_famo_problems():
-    # The script's fallback definition (used when famo_jax.problems is missing),
-    # values and gradients (the clamps' gradients follow torch.clamp).
-    problems = pytest.importorskip("famo_jax.problems")
-    theta = jnp.array([[-8.5, 7.5], [0.0, 0.0], [9.0, -1.0], [0.0, -8.0]])
-    both = lambda f: jax.jit(lambda t: (f(t), jax.vmap(jax.jacrev(f))(t)))(theta)
-    ours, theirs = both(vs_pytorch._local_toy_losses), both(problems.toy_losses)
-    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
-    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-7)

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import famo_jax
+import famo_jax.nnx
 from examples import _digits, flax_linen_multitask, flax_nnx_multitask
 
 NUM_TASKS = 3
@@ -195,61 +196,60 @@ def digit_batches():
 
 # One optax object for every optimizer: it is static in nnx.jit's cache key.
 NNX_TX = optax.adam(1e-2)
+NNX_FAMO = famo_jax.famo(_digits.NUM_TASKS)
 
 
 def _nnx_objects(seed):
     model = flax_nnx_multitask.MultiHeadMLP(16, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, NNX_TX, wrt=nnx.Param)
-    return model, optimizer
+    return model, optimizer, famo_jax.nnx.Weighting(NNX_FAMO)
 
 
-def _nnx_train(model, optimizer, famo_state, prev_losses, batches):
+def _nnx_train(model, optimizer, weighting, prev_losses, batches):
     for images, digits in batches:
-        famo_state, prev_losses, _ = flax_nnx_multitask.lagged_step(
-            NNX_FAMO, model, optimizer, famo_state, prev_losses, images, digits
+        prev_losses, _ = flax_nnx_multitask.lagged_step(
+            model, optimizer, weighting, prev_losses, images, digits
         )
-    return famo_state, prev_losses
-
-
-NNX_FAMO = famo_jax.famo(_digits.NUM_TASKS)
+    return prev_losses
 
 
 def test_nnx_run_resumes_bit_identically(tmp_path, digit_batches):
-    model, optimizer = _nnx_objects(0)
-    zeros = jnp.zeros(_digits.NUM_TASKS)
-    expected = _nnx_train(model, optimizer, NNX_FAMO.init(), zeros, digit_batches)
-    expected_model = nnx.state(model)
+    model, optimizer, weighting = _nnx_objects(0)
+    nan = jnp.full(_digits.NUM_TASKS, jnp.nan)
+    expected_prev = _nnx_train(model, optimizer, weighting, nan, digit_batches)
+    expected = (nnx.state(model), nnx.state(weighting), expected_prev)
 
-    model, optimizer = _nnx_objects(0)
-    famo_state, prev = _nnx_train(model, optimizer, NNX_FAMO.init(), zeros, digit_batches[:FIRST])
+    model, optimizer, weighting = _nnx_objects(0)
+    prev = _nnx_train(model, optimizer, weighting, nan, digit_batches[:FIRST])
     save(
         tmp_path / "ckpt",
         FIRST,
         {
             "model": nnx.state(model),
             "optimizer": nnx.state(optimizer),
-            "famo": famo_state,
+            "famo": nnx.state(weighting),
             "prev_losses": prev,
         },
     )
 
     # Fresh objects (other initial values), then the saved values poured in.
-    model, optimizer = _nnx_objects(1)
+    model, optimizer, weighting = _nnx_objects(1)
     like = {
         "model": nnx.state(model),
         "optimizer": nnx.state(optimizer),
-        "famo": NNX_FAMO.init(),
-        "prev_losses": zeros,
+        "famo": nnx.state(weighting),
+        "prev_losses": nan,
     }
     restored = restore(tmp_path / "ckpt", like)
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
+    nnx.update(weighting, restored["famo"])
     assert int(optimizer.step[...]) == FIRST
-    resumed = _nnx_train(
-        model, optimizer, restored["famo"], restored["prev_losses"], digit_batches[FIRST:]
+    assert isinstance(weighting.value, famo_jax.FAMOState)
+    resumed_prev = _nnx_train(
+        model, optimizer, weighting, restored["prev_losses"], digit_batches[FIRST:]
     )
-    chex.assert_trees_all_equal(resumed, expected)
-    chex.assert_trees_all_equal(nnx.state(model), expected_model)
+    chex.assert_trees_all_equal((nnx.state(model), nnx.state(weighting), resumed_prev), expected)
 
 
 # --- Flax Linen: a TrainState that carries FAMO ----------------------------------------------

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests import registry
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 20
 TOLERANCE = {"float32": 1e-6, "float64": 1e-13}
@@ -81,6 +83,15 @@ def test_single_device_reference_trained_famo(multidevice_report, dtype):
     np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
     # The weights moved away from uniform, so the comparison covers FAMO's update.
     assert np.ptp(weights) > 0.05
+
+
+@pytest.mark.parametrize("case", [c.name for c in registry.WEIGHTINGS if c.axis_name], ids=str)
+@pytest.mark.parametrize("style", ["pmap", "shard_map", "jit"])
+def test_every_weighting_with_axis_name_equals_single_device(multidevice_report, case, style):
+    deviations = multidevice_report["registry"][case][style]
+    for what, deviation in deviations.items():
+        assert deviation <= TOLERANCE["float32"], (case, style, what, deviation)
+    assert multidevice_report["registry"][case]["single"]["num_updates"] == NUM_STEPS
 
 
 def test_control_without_axis_name_differs(multidevice_report):

@@ -132,3 +132,25 @@ def test_short_bfloat16_training_tracks_float32(setup):
     # The comparison is not vacuous: training moved the losses and the weights.
     assert np.all(np.asarray(losses32[-1]) < 0.8 * np.asarray(losses32[0]))
     assert float(jnp.max(jnp.abs(state32.task_weights - 1 / NUM_TASKS))) > 0.05
+
+
+def test_bfloat16_losses_hide_famos_signal_and_float32_losses_restore_it():
+    """The advice of docs/getting_started.md: compute the task losses in float32.
+
+    bfloat16 keeps 8 significand bits: a loss falling from 999 to 998 is 1000
+    both times. Here task 0 improves and task 1 stalls, so FAMO should move
+    weight to task 1; with bfloat16 losses it sees no change at all.
+    """
+    weighting = famo_jax.famo(2, optimizer=optax.sgd(1.0))
+    prev, curr = [999.0, 999.0], [998.0, 999.0]
+
+    def logits_after(dtype):
+        state = weighting.update(
+            jnp.asarray(prev, dtype), jnp.asarray(curr, dtype), weighting.init()
+        )
+        return np.asarray(state.logits)
+
+    assert jnp.asarray(999.0, jnp.bfloat16) == jnp.asarray(998.0, jnp.bfloat16)
+    np.testing.assert_array_equal(logits_after(jnp.bfloat16), [0.0, 0.0])  # no signal
+    logits = logits_after(jnp.float32)
+    assert logits[1] - logits[0] > 4e-4  # log(999/998) / 2 to the stalled task

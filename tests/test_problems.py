@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from famo_jax import problems
+from tests._compat import enable_x64
 
 # Points around the map: the authors' starts, both half-planes, the clamp of the
 # first log (the "crease" 0.5(-x1 - 7) = tanh(-x2)), and the Pareto side.
@@ -52,7 +53,7 @@ def test_losses_match_the_paper_formulas():
 
 
 def test_losses_in_float64_and_on_single_points():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         got = problems.toy_losses(jnp.asarray(POINTS, jnp.float64))
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(got, paper_losses(POINTS), rtol=1e-12, atol=1e-12)
@@ -65,7 +66,7 @@ def test_losses_in_float64_and_on_single_points():
 @pytest.mark.parametrize("index", [0, 2, 3, 4, 5, 6, 7, 9])
 def test_gradients_match_central_differences(index):
     point = POINTS[index]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         jac = np.asarray(jax.jacrev(problems.toy_losses)(jnp.asarray(point)))
     step = 1e-6
     numeric = np.stack(
@@ -124,7 +125,7 @@ def test_pareto_front_is_stationary_and_nondominated():
     # meets it at theta_1 = 0 and bends down towards the ends.
     assert abs(thetas[50, 1] - (-8.3552)) < 1e-3
     assert np.all((thetas[:, 1] < -8.35) & (thetas[:, 1] > -8.44))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         residual = np.asarray(problems.toy_pareto_residual(jnp.asarray(thetas)))
     assert residual.max() < 1e-9
     # Along the front one loss rises exactly as the other falls.

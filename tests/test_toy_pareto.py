@@ -122,15 +122,15 @@ def test_unknown_method_is_rejected():
 
 
 def test_main_quick_prints_the_table_and_saves_both_figures(tmp_path, capsys):
-    out = tmp_path / "toy.png"
-    results = toy_pareto.main(["--quick", "--methods", "LS", "FAMO", "--out", str(out)])
+    results = toy_pareto.main(["--quick", "--methods", "LS", "FAMO", "--out", str(tmp_path)])
     assert [r.method for r in results] == ["LS", "FAMO"]
-    assert out.stat().st_size > 10_000
-    assert (tmp_path / "toy_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "toy_pareto.png").stat().st_size > 10_000
+    assert (tmp_path / "toy_pareto_curves.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     table_rows = [line for line in printed.splitlines() if line.startswith("| LS |")]
     assert len(table_rows) == 5 + 1  # five starts, one timing row
     assert "| FAMO | (9, 9) |" in printed and "200 Adam steps" in printed
+    assert "smoke test" in printed
 
 
 def _authors_pcgrad_sum(g):
@@ -182,10 +182,12 @@ def test_aggregators_use_the_conventions_of_the_authors_toy():
         # MGDA: min-norm weights of two gradients (closed form), times k.
         gamma = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[0] - g[1]) ** 2), 0, 1)
         expected["MGDA"].append(2 * (gamma * g[0] + (1 - gamma) * g[1]))
-        # Nash-MTL: alpha with A alpha = 1 / alpha for A = G G^T / ||G G^T||_F.
-        gram = g @ g.T / np.linalg.norm(g @ g.T)
+        # Nash-MTL: alpha with G G^T alpha = 1 / alpha (the authors' raw units),
+        # solved for G G^T / ||G G^T||_F, whose solution is sqrt(||G G^T||_F) alpha.
+        frobenius = np.linalg.norm(g @ g.T)
+        gram = g @ g.T / frobenius
         alpha = fsolve(lambda a, gram=gram: gram @ a - 1 / a, np.ones(2), xtol=1e-12)
-        expected["Nash-MTL"].append(alpha @ g)
+        expected["Nash-MTL"].append(alpha @ g / np.sqrt(frobenius))
     pairs = jax.numpy.asarray(np.stack(list(GRADIENT_PAIRS.values())), "float32")
     for name, value in expected.items():
         tx = toy_pareto.authors_aggregator(name)

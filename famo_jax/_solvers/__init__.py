@@ -11,5 +11,6 @@ from famo_jax._solvers._simplex import check_gram as check_gram
 from famo_jax._solvers._simplex import min_norm_weights as min_norm_weights
 from famo_jax._solvers._simplex import simplex_interior_point as simplex_interior_point
 from famo_jax._solvers._simplex import unit_scale as unit_scale
+from famo_jax._solvers._simplex_projection import project_onto_simplex as project_onto_simplex
 from famo_jax._solvers._spd import spd_factor as spd_factor
 from famo_jax._solvers._spd import spd_solve as spd_solve

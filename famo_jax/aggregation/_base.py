@@ -118,7 +118,7 @@ def gram_matrix(task_grads: TaskGradients, dtype=None) -> jax.Array:
     Args:
       task_grads: pytree of per-task gradients with a leading task axis, or
         :class:`ImplicitTaskGradients`.
-      dtype: accumulation dtype; default :func:`compute_dtype`.
+      dtype: accumulation dtype; default: the task gradients' dtype, at least float32.
     """
     dtype = compute_dtype(task_grads) if dtype is None else dtype
     if isinstance(task_grads, ImplicitTaskGradients):

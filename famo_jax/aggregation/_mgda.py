@@ -56,6 +56,7 @@ def mgda_weights(
         if normalization == "l2":
             normalizers = norms
         else:
+            assert losses is not None  # checked above
             losses = losses.astype(gram.dtype)
             normalizers = losses if normalization == "loss" else losses * norms
         # A zero normaliser would divide a zero gradient (norm) or is an invalid

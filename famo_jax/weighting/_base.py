@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
@@ -76,25 +77,33 @@ def loss_weights(weighting: LossWeighting, losses: ArrayLike, state: State) -> j
     return jax.grad(weighting.weigh)(losses, state)
 
 
-def stateless(num_tasks: int, weigh_fn: Callable[[jax.Array], jax.Array]) -> LossWeighting:
+def stateless(
+    num_tasks: int,
+    weigh_fn: Callable[[jax.Array], jax.Array],
+    valid_fn: Callable[[jax.Array], jax.Array] = jnp.isfinite,
+) -> LossWeighting:
     """A :class:`LossWeighting` with no state from ``losses -> scalar``.
 
     ``weigh_fn`` receives the checked losses in at least float32 (sums and logs
     of bfloat16 losses would lose their small terms); the result is cast back
-    to the losses' dtype. The state is ``optax.EmptyState()`` and ``update``
-    only checks its arguments' shapes and returns the state unchanged.
+    to the losses' dtype. Where ``valid_fn`` is False for a loss, the value
+    and its gradient are NaN (``famo_jax._numerics.nan_unless``). The state is
+    ``optax.EmptyState()`` and ``update`` only checks its arguments' shapes and
+    returns the state unchanged.
 
     Args:
       num_tasks: the number of tasks (already validated).
       weigh_fn: ``losses -> scalar``, differentiable.
+      valid_fn: ``losses -> bools``: which losses ``weigh_fn`` can use
+        (default: the finite ones).
     """
 
     def weigh(losses: ArrayLike, state: optax.EmptyState) -> jax.Array:
         del state
         losses = _checks.check_losses("losses", losses, num_tasks)
-        return weigh_fn(losses.astype(_numerics.at_least_float32(losses.dtype))).astype(
-            losses.dtype
-        )
+        computed = losses.astype(_numerics.at_least_float32(losses.dtype))
+        valid = jnp.all(valid_fn(computed))
+        return _numerics.nan_unless(valid, weigh_fn(computed)).astype(losses.dtype)
 
     def update(
         prev_losses: ArrayLike, curr_losses: ArrayLike, state: optax.EmptyState
@@ -104,3 +113,17 @@ def stateless(num_tasks: int, weigh_fn: Callable[[jax.Array], jax.Array]) -> Los
         return state
 
     return LossWeighting(init=optax.EmptyState, weigh=weigh, update=update)
+
+
+def weighted_sum(weights: jax.Array, losses: jax.Array) -> jax.Array:
+    r""":math:`\sum_i w_i \ell_i` with fixed weights: the loss of a weighting that picks weights.
+
+    The weights are under ``stop_gradient``, so the gradient w.r.t. the losses
+    is ``weights``. Computed in the promotion of both dtypes (at least
+    float32) and returned in the losses' dtype. NaN, with a NaN gradient, if
+    a loss is not finite (no silent wrong step).
+    """
+    dtype = _numerics.at_least_float32(jnp.promote_types(losses.dtype, weights.dtype))
+    computed = losses.astype(dtype)
+    value = jnp.sum(jax.lax.stop_gradient(weights).astype(dtype) * computed)
+    return _numerics.nan_unless(jnp.all(jnp.isfinite(computed)), value).astype(losses.dtype)

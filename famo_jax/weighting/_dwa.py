@@ -128,9 +128,7 @@ def dwa(num_tasks: int, temperature: float = 2.0, window: int = 25) -> _base.Los
 
     def weigh(losses: ArrayLike, state: DWAState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
-        w = jax.lax.stop_gradient(weights(losses, state))
-        dtype = jnp.promote_types(losses.dtype, w.dtype)
-        return jnp.sum(w.astype(dtype) * losses.astype(dtype)).astype(losses.dtype)
+        return _base.weighted_sum(weights(losses, state), losses)
 
     def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: DWAState) -> DWAState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)

@@ -22,20 +22,53 @@ class FAMOState(NamedTuple):
         task logits :math:`\xi`; the task weights are ``softmax(logits)``, see
         :attr:`task_weights`. They start at zero (equal weights).
       opt_state: the state of the logits optimizer (an optax state pytree).
+        With the default optimizer it holds the injected hyperparameters
+        ``learning_rate`` and ``gamma`` (``opt_state.hyperparams``), readable
+        and settable during training, e.g. with
+        ``optax.tree_utils.tree_set(state, gamma=0.0)``.
       num_updates: ``()`` int32: updates applied to the logits.
       num_skipped: ``()`` int32: updates skipped because a loss was non-finite
         or at or below ``min_losses - eps``, where its log is undefined (the
         logits and ``opt_state`` are then left unchanged).
+      min_losses: ``(num_tasks,)`` in the logits' dtype: the lower bounds
+        :math:`m` of the task losses, from :func:`famo`'s ``min_losses``;
+        settable during training (the authors' ``set_min_losses``) with
+        :meth:`with_min_losses`.
     """
 
     logits: jax.Array
     opt_state: optax.OptState
     num_updates: jax.Array
     num_skipped: jax.Array
+    min_losses: jax.Array
+
+    def with_min_losses(self, min_losses: ArrayLike) -> FAMOState:
+        """This state with new lower bounds of the task losses (a scalar or ``(k,)``).
+
+        The next ``weigh`` and ``update`` use them; the logits and the
+        optimizer state are kept. Works under ``jit`` (the bounds may be traced).
+
+        Example:
+          >>> import famo_jax
+          >>> state = famo_jax.famo(2).init().with_min_losses([-1.0, 0.5])
+          >>> state.min_losses.tolist()
+          [-1.0, 0.5]
+        """
+        shape = jnp.shape(self.min_losses)
+        values = jnp.asarray(min_losses)
+        if values.ndim > 1 or (values.ndim == 1 and values.shape != shape):
+            raise ValueError(
+                f"min_losses must be a scalar or have shape (num_tasks,) = {shape}, got shape "
+                f"{values.shape}."
+            )
+        if not jnp.issubdtype(values.dtype, jnp.number):
+            raise TypeError(f"min_losses must be numbers, got dtype {values.dtype}.")
+        dtype = self.min_losses.dtype
+        return self._replace(min_losses=jnp.broadcast_to(values.astype(dtype), shape))
 
     @property
     def task_weights(self) -> jax.Array:
-        """``softmax(logits)``: FAMO's task weights :math:`z` on the simplex.
+        """FAMO's task weights :math:`z`, ``softmax(logits)``, on the simplex.
 
         These are the weights of the log losses. The weights of the losses
         themselves, which the model's gradient uses, also depend on the losses:
@@ -46,12 +79,27 @@ class FAMOState(NamedTuple):
         return jax.nn.softmax(self.logits, axis=-1)
 
 
-def reference_adam(learning_rate: optax.ScalarOrSchedule, gamma: float):
+DEFAULT_LEARNING_RATE = 0.025
+DEFAULT_GAMMA = 0.001
+
+
+def reference_adam(
+    learning_rate: optax.ScalarOrSchedule, gamma: float
+) -> optax.GradientTransformation:
     """PyTorch's ``Adam(lr, weight_decay=gamma)``: *coupled* L2 decay, then Adam.
 
     ``gamma * xi`` is added to the gradient before the Adam moments (unlike AdamW,
     whose decoupled decay is added after). Betas (0.9, 0.999), eps 1e-8 and the
     bias corrections are PyTorch's defaults, which ``optax.scale_by_adam`` shares.
+    This is the logits optimizer of the FAMO authors' class, and :func:`famo`'s
+    default (wrapped in ``optax.inject_hyperparams``).
+
+    Args:
+      learning_rate: a float, an array or an optax schedule.
+      gamma: the decay, a float or an array.
+
+    Returns:
+      An ``optax.GradientTransformation``.
     """
     return optax.chain(
         optax.add_decayed_weights(gamma),
@@ -62,8 +110,8 @@ def reference_adam(learning_rate: optax.ScalarOrSchedule, gamma: float):
 
 def famo(
     num_tasks: int,
-    learning_rate: optax.ScalarOrSchedule = 0.025,
-    gamma: float = 0.001,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    gamma: float | None = None,
     min_losses: ArrayLike | None = None,
     eps: float = 1e-8,
     optimizer: optax.GradientTransformation | None = None,
@@ -102,23 +150,42 @@ def famo(
     finite, or is at or below ``min_losses - eps`` (its log is undefined),
     ``update`` leaves ``logits`` and ``opt_state`` unchanged and increments
     ``num_skipped``. ``weigh`` returns NaN for such losses, exactly as the
-    reference does. To turn them into an error naming the task, call
+    reference does, and so does its gradient: the reference's gradient is
+    finite there with flipped signs (losses ``[1, -0.5, 2]`` with bound 0 give
+    weights ``[-2, 4, -1]``), a silent wrong step that here becomes a
+    non-finite model gradient, which ``optax.apply_if_finite`` skips. To turn
+    them into an error naming the task, call
     :func:`check_famo_losses` (eagerly, or inside a function transformed by
     ``jax.experimental.checkify.checkify``).
+
+    Defaults, and what the authors use: the logits learning rate 0.025 is the
+    authors' everywhere. Their decay ``gamma`` differs between their files:
+    0.01 in their ``famo.py`` class, 1e-5 in ``methods/weight_methods.py``,
+    and in their run scripts 1e-3 for NYU-v2, QM9 and CelebA and 1e-2 for
+    Cityscapes (0 on the toy problem); 1e-3 is also LibMTL's default, and is
+    the default here. With smooth, slowly decreasing losses the decay pins the
+    logits near zero and FAMO behaves like scale-invariant weighting (see the
+    README's "Which FAMO?"). The authors' trainers also clip the model's
+    gradient to norm 1: add ``optax.clip_by_global_norm(1.0)`` to the model
+    optimizer to reproduce them.
 
     Args:
       num_tasks: number of tasks :math:`k` (a positive int).
       learning_rate: the logits learning rate :math:`\beta` (a float or an optax
-        schedule). Used only when ``optimizer`` is None.
-      gamma: the decay :math:`\gamma` of the logits. Used only when ``optimizer``
-        is None.
+        schedule); default 0.025. Only for the default optimizer: passing it
+        with ``optimizer`` is an error.
+      gamma: the decay :math:`\gamma` of the logits; default 0.001. Only for
+        the default optimizer: passing it with ``optimizer`` is an error.
       min_losses: lower bounds :math:`m` of the task losses, a scalar or shape
-        ``(num_tasks,)``; default 0.
+        ``(num_tasks,)``; default 0. Kept in the state (``state.min_losses``),
+        where :meth:`FAMOState.with_min_losses` changes them during training.
       eps: the constant :math:`\epsilon` added to ``losses - min_losses``.
       optimizer: the optax transformation that updates the logits. Default: the
         reference's PyTorch ``Adam(learning_rate, weight_decay=gamma)``, i.e.
         coupled L2 decay (``gamma * xi`` added to the gradient before the Adam
-        moments; not AdamW), betas (0.9, 0.999), eps 1e-8.
+        moments; not AdamW), betas (0.9, 0.999), eps 1e-8, built with
+        ``optax.inject_hyperparams`` so that ``learning_rate`` and ``gamma`` are
+        in ``state.opt_state.hyperparams``.
       axis_name: name of a mapped axis (``pmap``, ``shard_map``). When given,
         ``weigh`` and ``update`` use losses averaged over that axis, so every
         replica keeps the same state; the gradient of ``weigh`` w.r.t. each
@@ -172,20 +239,33 @@ def famo(
       https://arxiv.org/abs/2306.03792
     """
     num_tasks = _checks.check_num_tasks(num_tasks)
-    learning_rate = _checks.check_nonnegative("learning_rate", learning_rate, allow_callable=True)
-    gamma = _checks.check_nonnegative("gamma", gamma)
+    if learning_rate is not None:
+        learning_rate = _checks.check_nonnegative(
+            "learning_rate", learning_rate, allow_callable=True, allow_traced=True
+        )
+    if gamma is not None:
+        gamma = _checks.check_nonnegative("gamma", gamma, allow_traced=True)
     eps = _checks.check_nonnegative("eps", eps)
-    min_losses = _checks.check_task_vector(
+    initial_min_losses = _checks.check_task_vector(
         "min_losses", 0.0 if min_losses is None else min_losses, num_tasks
     )
     logits_dtype = jnp.dtype(logits_dtype)
     if not jnp.issubdtype(logits_dtype, jnp.floating):
         raise TypeError(f"logits_dtype must be a floating dtype, got {logits_dtype}.")
-    optimizer = _checks.check_optimizer(optimizer, lambda: reference_adam(learning_rate, gamma))
 
-    def gaps(losses: jax.Array, dtype) -> jax.Array:
+    def default_optimizer() -> optax.GradientTransformation:
+        return optax.inject_hyperparams(reference_adam, hyperparam_dtype=logits_dtype)(
+            learning_rate=DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate,
+            gamma=DEFAULT_GAMMA if gamma is None else gamma,
+        )
+
+    optimizer = _checks.check_optimizer(
+        optimizer, default_optimizer, learning_rate=learning_rate, gamma=gamma
+    )
+
+    def gaps(losses: jax.Array, state: FAMOState, dtype) -> jax.Array:
         # l - m + eps, the quantity whose log FAMO balances; <= 0 when l <= m - eps.
-        return losses.astype(dtype) - jnp.asarray(min_losses, dtype) + eps
+        return losses.astype(dtype) - state.min_losses.astype(dtype) + eps
 
     def global_losses(losses: jax.Array) -> jax.Array:
         return losses if axis_name is None else jax.lax.pmean(losses, axis_name)
@@ -197,15 +277,18 @@ def famo(
             opt_state=optimizer.init(logits),
             num_updates=jnp.zeros((), jnp.int32),
             num_skipped=jnp.zeros((), jnp.int32),
+            min_losses=jnp.asarray(initial_min_losses, logits_dtype),
         )
 
     def check_state(state: FAMOState) -> None:
         # A state made for another num_tasks would otherwise fail in broadcasting.
-        if jnp.shape(state.logits) != (num_tasks,):
-            raise ValueError(
-                f"state.logits must have shape (num_tasks,) = ({num_tasks},), got shape "
-                f"{jnp.shape(state.logits)}: was the state made by init() of this famo()?"
-            )
+        for field in ("logits", "min_losses"):
+            if jnp.shape(getattr(state, field)) != (num_tasks,):
+                raise ValueError(
+                    f"state.{field} must have shape (num_tasks,) = ({num_tasks},), got shape "
+                    f"{jnp.shape(getattr(state, field))}: was the state made by init() of "
+                    "this famo()?"
+                )
 
     def weigh(losses: ArrayLike, state: FAMOState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
@@ -213,7 +296,7 @@ def famo(
         dtype = jnp.promote_types(losses.dtype, state.logits.dtype)
         z = jax.nn.softmax(state.logits).astype(dtype)
         if axis_name is None:
-            gap = gaps(losses, dtype)
+            gap = gaps(losses, state, dtype)
             c = jax.lax.stop_gradient(1.0 / jnp.sum(z / gap))
             weighted = jnp.sum(c * z * jnp.log(gap))
         else:
@@ -222,13 +305,16 @@ def famo(
             # vector w (a straight-through term), so averaging the parameter
             # gradients over the axis gives sum_i w_i grad(mean loss_i) without
             # relying on how psum is transposed.
-            gap = jax.lax.stop_gradient(gaps(global_losses(losses), dtype))
+            gap = jax.lax.stop_gradient(gaps(global_losses(losses), state, dtype))
             c = 1.0 / jnp.sum(z / gap)
             local = losses.astype(dtype)
             weighted = jnp.sum(c * z * jnp.log(gap)) + jnp.sum(
                 (c * z / gap) * (local - jax.lax.stop_gradient(local))
             )
-        return weighted.astype(losses.dtype)
+        # Where a loss is invalid the reference's value is NaN but its gradient
+        # is finite with flipped signs (a negative gap): never a silent step.
+        valid = jnp.all(jnp.isfinite(gap) & (gap > 0))
+        return _numerics.nan_unless(valid, weighted).astype(losses.dtype)
 
     def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: FAMOState) -> FAMOState:
         prev_losses = _checks.check_losses("prev_losses", prev_losses, num_tasks)
@@ -237,8 +323,8 @@ def famo(
         dtype = jnp.promote_types(
             jnp.promote_types(prev_losses.dtype, curr_losses.dtype), state.logits.dtype
         )
-        delta = jnp.log(gaps(global_losses(prev_losses), dtype)) - jnp.log(
-            gaps(global_losses(curr_losses), dtype)
+        delta = jnp.log(gaps(global_losses(prev_losses), state, dtype)) - jnp.log(
+            gaps(global_losses(curr_losses), state, dtype)
         )
         z = jax.nn.softmax(state.logits.astype(dtype))
         # Vector-Jacobian product of softmax with delta: what the reference gets
@@ -251,18 +337,18 @@ def famo(
         heaviest_delta = jnp.max(jnp.where(z == jnp.max(z), delta, -jnp.inf))
         shifted = delta - heaviest_delta
         logits_grad = (z * (shifted - jnp.dot(z, shifted))).astype(state.logits.dtype)
-        updates, opt_state = optimizer.update(logits_grad, state.opt_state, state.logits)
-        logits = optax.apply_updates(state.logits, updates)
         # delta is NaN/inf exactly when a loss is non-finite or at/below its
         # bound; such a step is skipped so that the state is never corrupted.
-        valid = jnp.all(jnp.isfinite(delta)) & jnp.all(jnp.isfinite(logits))
-        logits, opt_state = _numerics.keep_if_valid(
-            valid, (logits, opt_state), (state.logits, state.opt_state)
+        step = _numerics.guarded_optimizer_step(
+            optimizer,
+            logits_grad,
+            state.logits,
+            state.opt_state,
+            jnp.all(jnp.isfinite(delta)),
+            state.num_updates,
+            state.num_skipped,
         )
-        num_updates, num_skipped = _numerics.counters_after(
-            valid, state.num_updates, state.num_skipped
-        )
-        return FAMOState(logits, opt_state, num_updates, num_skipped)
+        return FAMOState(*step, min_losses=state.min_losses)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)
 
@@ -291,7 +377,7 @@ def check_famo_losses(
       name: the argument name used in the message.
 
     Raises:
-      jax.errors.JaxRuntimeError (eagerly): naming the first invalid task.
+      jax.errors.JaxRuntimeError: when called eagerly, naming the first invalid task.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from famo_jax import _checks, _numerics
+from famo_jax import _checks
 from famo_jax.weighting import _base
 
 
@@ -86,9 +86,7 @@ def random_loss_weighting(
 
     def weigh(losses: ArrayLike, state: RLWState) -> jax.Array:
         losses = _checks.check_losses("losses", losses, num_tasks)
-        dtype = _numerics.at_least_float32(losses.dtype)
-        w = jax.lax.stop_gradient(weights(state)).astype(dtype)
-        return jnp.sum(w * losses.astype(dtype)).astype(losses.dtype)
+        return _base.weighted_sum(weights(state), losses)
 
     def update(prev_losses: ArrayLike, curr_losses: ArrayLike, state: RLWState) -> RLWState:
         _checks.check_losses("prev_losses", prev_losses, num_tasks)

@@ -27,8 +27,10 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8) -> _base.LossWeighting:
     multiply by ``num_tasks`` for the sum) and :math:`\epsilon` (default 1e-8,
     FAMO's constant) keeps a zero loss finite: its log is ``log(eps)`` and its
     weight ``1 / (k * eps)``. Pass ``eps=0`` for the reference exactly. Losses
-    at or below ``-eps`` (negative log-likelihoods, say) have no logarithm:
-    ``weigh`` returns NaN for them, as the reference does; use
+    at or below ``-eps`` (negative log-likelihoods, say) have no finite
+    logarithm: ``weigh`` returns NaN for them, as the reference does, and so
+    does its gradient, where the reference's would be finite with a flipped
+    sign (so ``optax.apply_if_finite`` skips such a step); use
     :func:`famo_jax.check_famo_losses` (``min_losses=0``, same ``eps``) to
     turn them into an error. The relative error of the invariance caused by
     :math:`\epsilon` is at most :math:`\epsilon / \ell_i`.
@@ -59,4 +61,8 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8) -> _base.LossWeighting:
     num_tasks = _checks.check_num_tasks(num_tasks)
     eps = _checks.check_nonnegative("eps", eps)
 
-    return _base.stateless(num_tasks, lambda losses: jnp.mean(jnp.log(losses + eps)))
+    return _base.stateless(
+        num_tasks,
+        lambda losses: jnp.mean(jnp.log(losses + eps)),
+        valid_fn=lambda losses: jnp.isfinite(losses) & (losses + eps > 0),
+    )

@@ -121,7 +121,8 @@ def uncertainty_weighting(
         losses = _checks.check_losses("losses", losses, num_tasks)
         dtype = jnp.promote_types(losses.dtype, state.log_vars.dtype)
         log_vars = jax.lax.stop_gradient(state.log_vars).astype(dtype)
-        return objective(losses.astype(dtype), log_vars).astype(losses.dtype)
+        value = objective(losses.astype(dtype), log_vars)
+        return _numerics.nan_unless(jnp.all(jnp.isfinite(losses)), value).astype(losses.dtype)
 
     def update(
         prev_losses: ArrayLike, curr_losses: ArrayLike, state: UncertaintyWeightingState
@@ -132,15 +133,15 @@ def uncertainty_weighting(
         losses = prev_losses.astype(dtype)
         log_vars_grad = jax.grad(objective, argnums=1)(losses, state.log_vars.astype(dtype))
         log_vars_grad = log_vars_grad.astype(state.log_vars.dtype)
-        updates, opt_state = optimizer.update(log_vars_grad, state.opt_state, state.log_vars)
-        log_vars = optax.apply_updates(state.log_vars, updates)
-        valid = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(log_vars))
-        log_vars, opt_state = _numerics.keep_if_valid(
-            valid, (log_vars, opt_state), (state.log_vars, state.opt_state)
+        step = _numerics.guarded_optimizer_step(
+            optimizer,
+            log_vars_grad,
+            state.log_vars,
+            state.opt_state,
+            jnp.all(jnp.isfinite(losses)),
+            state.num_updates,
+            state.num_skipped,
         )
-        num_updates, num_skipped = _numerics.counters_after(
-            valid, state.num_updates, state.num_skipped
-        )
-        return UncertaintyWeightingState(log_vars, opt_state, num_updates, num_skipped)
+        return UncertaintyWeightingState(*step)
 
     return _base.LossWeighting(init=init, weigh=weigh, update=update)

@@ -1,8 +1,8 @@
 """FAMO in PyTorch, written from Algorithm 2 (Appendix C) of the FAMO paper.
 
-This is the *reference* the JAX port is compared against. It is only used by
-``make_fixtures.py`` to produce the committed ``fixtures/*.npz``; the tests never
-import it, so they run without torch installed.
+This is the *reference* the JAX port is compared against. The tests never
+import it (they replay the committed ``fixtures/*.npz``), so they run without
+torch installed.
 
 Algorithm 2, in words: the task logits ``xi`` start at zero and are trained by
 ``torch.optim.Adam(lr, weight_decay=gamma)`` (coupled L2 decay). Given the task
@@ -12,8 +12,11 @@ the model step, ``delta = log(D_prev) - log(D_curr)`` and the logits get the
 gradient ``J_softmax(xi)^T delta`` (obtained with ``torch.autograd.grad`` of the
 softmax with ``grad_outputs=delta``), then one Adam step.
 
-All tensors follow ``torch.get_default_dtype()``: switch it to float64 to run the
-reference in double precision.
+All tensors follow ``torch.get_default_dtype()`` unless a ``dtype`` is given:
+switch it to float64 to run the reference in double precision.
+
+Used by ``make_fixtures.py`` (the committed parity fixtures) and by
+``benchmarks/vs_pytorch.py`` (speed and agreement against PyTorch).
 
 Reference:
   Liu, Feng, Stone and Liu, FAMO: Fast Adaptive Multitask Optimization,
@@ -31,9 +34,12 @@ EPS = 1e-8  # The constant Algorithm 2 adds to losses - min_losses.
 class FamoReference:
     """Algorithm 2 of the paper: ``get_weighted_loss`` and ``update``."""
 
-    def __init__(self, num_tasks: int, min_losses, lr: float = 0.025, gamma: float = 0.001):
-        self.min_losses = torch.as_tensor(min_losses, dtype=torch.get_default_dtype())
-        self.xi = torch.zeros(num_tasks, requires_grad=True)
+    def __init__(
+        self, num_tasks: int, min_losses, lr: float = 0.025, gamma: float = 0.001, dtype=None
+    ):
+        dtype = dtype or torch.get_default_dtype()
+        self.min_losses = torch.as_tensor(min_losses, dtype=dtype)
+        self.xi = torch.zeros(num_tasks, dtype=dtype, requires_grad=True)
         self.xi_opt = torch.optim.Adam([self.xi], lr=lr, weight_decay=gamma)
 
     def get_weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import scipy.optimize
 
 from famo_jax import _solvers
 from famo_jax.aggregation._cagrad import _dual_weights as cagrad_dual_weights
+from tests._compat import enable_x64
 
 C = 0.4
 
@@ -78,7 +79,7 @@ def batched(solver):
 
 def solve_batch(solver, *arrays):
     """Solves a NumPy batch in its dtype (float64 inside ``jax.enable_x64``)."""
-    with jax.enable_x64(arrays[0].dtype == np.float64):
+    with enable_x64(arrays[0].dtype == np.float64):
         out = batched(solver)(*map(jnp.asarray, arrays))
         return jax.tree.map(np.asarray, out)
 

@@ -33,8 +33,9 @@ import numpy as np
 import pytest
 
 import famo_jax
+from tests._compat import enable_x64
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "reference" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "reference" / "fixtures"
 NUM_STEPS = 1000
 LEARNING_RATE = 0.025
 GAMMAS = (0.0, 1e-3, 1e-2)
@@ -67,7 +68,7 @@ def _jax_records(num_tasks: int, precision: str) -> dict[tuple[float, bool], dic
     dtype, _ = PRECISIONS[precision]
     data = _fixture(num_tasks)
     # The x64 flag is scoped to tracing and running; only NumPy arrays leave.
-    with jax.enable_x64(precision == "f64"):
+    with enable_x64(precision == "f64"):
         weightings = {
             (gamma, nonzero): famo_jax.famo(
                 num_tasks,
