@@ -46,9 +46,9 @@ engine's losses and Gram matrix, and (c) (b) plus the weighted sum; the
 differences attribute the step to the batched backward pass, the Gram
 products, the weighted sum, and the solver and Adam.
 
-Run: ``python benchmarks/gramian.py --out DIR`` (full; tens of minutes) or
-``python benchmarks/gramian.py --quick --out DIR`` (tiny model, seconds; a
-smoke test, not a measurement). Writes ``DIR/gramian.md`` (the tables),
+Run from the repository root: ``python -m benchmarks.gramian --out DIR`` (full;
+tens of minutes) or ``python -m benchmarks.gramian --quick --out DIR`` (tiny
+model, seconds; a smoke test, not a measurement). Writes ``DIR/gramian.md`` (the tables),
 ``DIR/gramian.png`` (the plot) and ``DIR/gramian.json`` (raw results).
 """
 
@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,12 +72,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _timing  # noqa: E402
-import scaling  # noqa: E402
-
 import famo_jax  # noqa: E402
+from benchmarks import _timing, scaling  # noqa: E402
 
 FULL_KS = (10, 40, 100, 400, 1000)
 QUICK_KS = (3,)

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-gramian_benchmark = importlib.import_module("gramian")
+from benchmarks import gramian as gramian_benchmark
 
 
 def test_gramian_benchmark_quick(tmp_path, capsys):
