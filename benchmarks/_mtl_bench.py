@@ -17,8 +17,13 @@ Methods (:func:`method_registry`):
   after the step: one extra forward pass); ``FAMO-lagged`` calls
   ``update(losses[t-1], losses[t])`` with the losses it computed anyway.
 - Gradient aggregators (``MGDA``, ``PCGrad``, ``CAGrad``, ``IMTL-G``,
-  ``Nash-MTL``): per-task gradients of the shared trunk (``jax.jacrev``) go
-  through the aggregator; each task head receives its own task's gradient.
+  ``Nash-MTL``): the aggregator combines the per-task gradients of the shared
+  trunk; each task head receives its own task's gradient. The trunk's task
+  gradients come from the Gramian engine (``famo_jax.gramian_task_gradients``:
+  the Gram matrix from the layers' inputs and per-task output cotangents, no
+  stacked gradients; ``TrainConfig.task_gradients="engine"``, the default) or
+  from ``famo_jax.task_gradients`` (``jax.jacrev``, ``"jacrev"``); both give
+  the same update up to rounding.
 
 After every epoch the model is evaluated on the validation and test sets. The
 reported test metrics are those of the epoch with the lowest mean validation
@@ -104,6 +109,9 @@ class TrainConfig:
     num_seeds: int = 3
     seed: int = 0
     zero_init_heads: bool = False
+    # How the aggregator rows get the trunk's task gradients: "engine"
+    # (famo_jax.gramian_task_gradients) or "jacrev" (famo_jax.task_gradients).
+    task_gradients: str = "engine"
     # XLA options for compiling the training program (QUICK_COMPILE_OPTIONS
     # for --quick runs).
     compile_options: dict[str, Any] | None = None
@@ -164,6 +172,10 @@ class SharedTrunkNet(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.heads(self.trunk(x))
+
+
+# The shared part of SharedTrunkNet's parameters (an is_shared prefix tree).
+SHARED = {"trunk": True, "heads": False}
 
 
 def task_losses_and_metrics(kind: str, outputs: jax.Array, labels: jax.Array):
@@ -351,9 +363,21 @@ def weighting_step(weighting, update: str, task_losses, model_opt, x_train, y_tr
     return step
 
 
-def aggregator_step(transform, task_losses, model_opt, x_train, y_train):
-    """``step(carry, batch)`` of an aggregator over the trunk's per-task gradients."""
-    value_and_task_grads = famo_jax.task_gradients(task_losses)
+TASK_GRADIENTS = ("engine", "jacrev")
+
+
+def aggregator_step(transform, task_losses, model_opt, x_train, y_train, task_gradients):
+    """``step(carry, batch)`` of an aggregator over the trunk's per-task gradients.
+
+    ``task_gradients="engine"``: ``transform`` takes the Gramian engine's
+    implicit task gradients, whose non-shared leaves (the heads) already hold
+    the mean gradient; ``"jacrev"``: the stacked ``jax.jacrev`` gradients of
+    every leaf (``transform`` wraps the aggregator in ``shared_trunk``).
+    """
+    if task_gradients == "engine":
+        value_and_task_grads = famo_jax.gramian_task_gradients(task_losses, is_shared=SHARED)
+    else:
+        value_and_task_grads = famo_jax.task_gradients(task_losses)
 
     def step(carry, batch):
         params, opt_state, state, prev_losses, has_prev = carry
@@ -369,6 +393,10 @@ def aggregator_step(transform, task_losses, model_opt, x_train, y_train):
 
 def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     """Returns ``run(key, stl_weights) -> outputs`` for one seed (and one STL task)."""
+    if cfg.task_gradients not in TASK_GRADIENTS:
+        raise ValueError(
+            f"task_gradients must be one of {TASK_GRADIENTS}, got {cfg.task_gradients!r}."
+        )
     k = bench.num_tasks
     model = SharedTrunkNet(cfg.hidden, k, bench.num_classes, cfg.zero_init_heads)
     x_train, y_train = jnp.asarray(bench.x_train), jnp.asarray(bench.y_train)
@@ -389,12 +417,16 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     def method_step_and_state(params, k_method, stl_weights):
         if method.family == "aggregator":
             # Trunk: the aggregate of the k task gradients, times k (the authors'
-            # sum convention); heads: each its own task's gradient.
-            transform = optax.chain(
-                famo_jax.shared_trunk(method.build(k, k_method), {"trunk": True, "heads": False}),
-                optax.scale(float(k)),
+            # sum convention); heads: the mean of the task gradients times k, which
+            # is each head's own task's gradient. The engine applies the trunk mask
+            # itself; the stacked gradients go through shared_trunk.
+            aggregator = method.build(k, k_method)
+            if cfg.task_gradients == "jacrev":
+                aggregator = famo_jax.shared_trunk(aggregator, SHARED)
+            transform = optax.chain(aggregator, optax.scale(float(k)))
+            step = aggregator_step(
+                transform, task_losses, model_opt, x_train, y_train, cfg.task_gradients
             )
-            step = aggregator_step(transform, task_losses, model_opt, x_train, y_train)
             return step, transform.init(params)
         if method.family == "stl":
             weighting = _fixed_weighting(stl_weights)
@@ -660,7 +692,12 @@ def settings_text(summary: Summary, command: str) -> str:
         "stated; FAMO = same-batch update (the authors'), FAMO-lagged = "
         "`update(losses[t-1], losses[t])`.",
         "Aggregators act on the shared trunk (sum convention: k × the aggregate); "
-        "each head gets its own task's gradient.",
+        "each head gets its own task's gradient; the trunk's task gradients from "
+        + (
+            "the Gramian engine (`gramian_task_gradients`)."
+            if cfg.task_gradients == "engine"
+            else "`jax.jacrev` (`task_gradients`)."
+        ),
         "Δm% against STL (lower is better); MR = mean rank among the rows other "
         "than STL (ties share the average rank).",
         "Training time: wall seconds of the jitted, seed-vmapped run (all "
@@ -773,6 +810,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, docs_path: str) -> Non
         nargs="*",
         default=None,
         help="extra FAMO rows with these γ (default: 0; none with --quick)",
+    )
+    parser.add_argument(
+        "--gradients",
+        choices=TASK_GRADIENTS,
+        default="engine",
+        help="how the aggregator rows get the trunk's task gradients: the Gramian engine "
+        "(gramian_task_gradients, default) or jax.jacrev (task_gradients)",
     )
     parser.add_argument(
         "--out",

@@ -222,7 +222,9 @@ def _is_layout(eqn: Any) -> bool:
 
 
 def _find_uses(jaxpr: Any, num_leaves: int) -> list[list[_Use]]:
-    origin = {v: (i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])}
+    origin: dict[Any, tuple[int, tuple[int, ...]]] = {
+        v: (i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])
+    }
     uses: list[list[_Use]] = [[] for _ in range(num_leaves)]
     for index, eqn in enumerate(jaxpr.eqns):
         hits = [
@@ -334,8 +336,9 @@ def _canonical_index(jaxpr: Any, use: _Use, dims: _DenseDims, shape: tuple) -> n
 
 def _pooled_dense_dims(jaxpr: Any, uses: Sequence[_Use], shape: tuple) -> list[_DenseDims] | None:
     """The uses' forms if they are ``dot_general`` operations pooled as rows."""
-    forms = [_dense_dims(jaxpr.eqns[u.eqn], u.position) for u in uses]
-    if any(f is None for f in forms):
+    maybe = [_dense_dims(jaxpr.eqns[u.eqn], u.position) for u in uses]
+    forms = [f for f in maybe if f is not None]
+    if len(forms) < len(maybe):
         return None
     first = forms[0]
     layout = _canonical_index(jaxpr, uses[0], first, shape)
@@ -486,9 +489,10 @@ def _make_plan(
         if not leaf_uses:
             strategies[leaf] = UNUSED
             continue
-        if any(u.eqn is None for u in leaf_uses):
+        eqn_ids = [u.eqn for u in leaf_uses if u.eqn is not None]
+        if len(eqn_ids) < len(leaf_uses):
             continue
-        eqns = [jaxpr.eqns[u.eqn] for u in leaf_uses]
+        eqns = [jaxpr.eqns[e] for e in eqn_ids]
         too_big = num_tasks * size * _itemsize(leaves[leaf]) > max_direct_bytes
         if len(leaf_uses) == 1:
             dims = _dense_dims(eqns[0], leaf_uses[0].position)
@@ -496,8 +500,8 @@ def _make_plan(
                 trick, direct = _dense_costs(dims, num_tasks)
                 if trick <= direct or too_big:
                     strategies[leaf] = DENSE
-                    dense_dims[leaf_uses[0].eqn] = dims
-                    kernel_of[leaf_uses[0].eqn] = leaf
+                    dense_dims[eqn_ids[0]] = dims
+                    kernel_of[eqn_ids[0]] = leaf
                     continue
         else:
             forms = _pooled_dense_dims(jaxpr, leaf_uses, jnp.shape(leaves[leaf]))
@@ -506,16 +510,16 @@ def _make_plan(
                 trick, direct = _dense_costs(forms[0]._replace(rows=rows), num_tasks)
                 if trick <= direct or too_big:
                     strategies[leaf] = DENSE
-                    pooled[leaf] = [u.eqn for u in leaf_uses]
-                    pooled_dims.update({u.eqn: f for u, f in zip(leaf_uses, forms, strict=True)})
+                    pooled[leaf] = eqn_ids
+                    pooled_dims.update(dict(zip(eqn_ids, forms, strict=True)))
                     continue
-        forms = [_row_lookup(e, u.position) for e, u in zip(eqns, leaf_uses, strict=True)]
-        if all(f is not None for f in forms):
-            if sum(f.lookups for f in forms) < forms[0].num_rows or too_big:
+        maybe_lookups = [_row_lookup(e, u.position) for e, u in zip(eqns, leaf_uses, strict=True)]
+        row_lookups = [f for f in maybe_lookups if f is not None]
+        if len(row_lookups) == len(maybe_lookups):
+            if sum(f.lookups for f in row_lookups) < row_lookups[0].num_rows or too_big:
                 strategies[leaf] = EMBEDDING
-                tables[leaf] = [u.eqn for u in leaf_uses]
-                for u, f in zip(leaf_uses, forms, strict=True):
-                    lookups[u.eqn] = f
+                tables[leaf] = eqn_ids
+                lookups.update(dict(zip(eqn_ids, row_lookups, strict=True)))
     # Biases of the dense layers ride along with their kernels.
     bias: dict[int, tuple[int, _Use]] = {}
     for leaf, leaf_uses in enumerate(uses):
@@ -555,8 +559,10 @@ def _make_plan(
         _, num_chunks = min(candidates)  # the least padding, then the fewest chunks
     else:
         num_chunks = min(task_chunks, num_tasks)
+    decided = [s for s in strategies if s is not None]
+    assert len(decided) == len(strategies)  # every leaf has a strategy by now
     return _Plan(
-        list(strategies),
+        decided,
         uses,
         perturbed,
         dense,
@@ -900,15 +906,20 @@ def gramian_task_gradients(
 
     with :math:`J` the ``(k, m)`` Jacobian of the losses with respect to the
     chosen parameters, as an :class:`ImplicitTaskGradients`: every
-    :func:`gram_weighted` aggregator (``famo_jax.mgda``, ``famo_jax.cagrad``,
-    ``famo_jax.pcgrad``, ``famo_jax.imtl_g``) and ``famo_jax.nash_mtl`` take it
-    in place of stacked task gradients and return the same update. For dense
-    layers the memory is :math:`O(k \cdot \text{batch} \cdot \text{width})`
-    instead of :math:`O(k m)`; the module documentation
-    (``famo_jax.aggregation._gramian``) says how each kind of parameter is
-    handled, and :func:`gramian_plan` which strategy each leaf gets.
-    ``graddrop`` needs every entry of the task gradients and does not accept
-    the result.
+    Gram-based aggregator takes it in place of stacked task gradients and
+    returns the same update (``famo_jax.mgda``, ``cagrad``, ``pcgrad``,
+    ``imtl_g``, ``nash_mtl``, ``gradvac`` with its default
+    ``algorithm="gram"`` and whole-model granularity, ``sdmgrad``, ``modo``,
+    ``gradnorm`` without ``last_shared_layer``, and any :func:`gram_weighted`
+    aggregator). For dense layers the memory is :math:`O(k \cdot
+    \text{batch} \cdot \text{width})` instead of :math:`O(k m)`;
+    :func:`gramian_plan` says which strategy each leaf gets (``"dense"``,
+    ``"bias"``, ``"embedding"``: from the layer's inputs and per-task output
+    cotangents; ``"direct"``: per-task gradients of that leaf only;
+    ``"chunked"``: a bounded-memory fallback; all exact). The methods that need
+    every entry of the task gradients or keep ``O(k m)`` state (``graddrop``,
+    ``moco``, ``excess_mtl``, ``db_mtl``, ``gradvac``'s ``"vectors"``
+    algorithm and per-leaf granularities) raise a ``TypeError`` on the result.
 
     Shared trunk: with ``is_shared``, the Gram matrix spans the shared leaves
     only, and ``combine(w)`` returns :math:`\sum_i w_i g_i` on those and the
@@ -1091,11 +1102,12 @@ def _run(setup: _Setup, head_reduction: str, has_aux: bool):
             add(
                 op.kernel_leaf, _use_vjp(jaxpr, use, leaves[op.kernel_leaf], saved[slot[e]])(cot)[0]
             )
-            if op.bias_leaf is not None:
+            if op.bias_leaf is not None and op.bias_use is not None:
                 zeros = jnp.zeros(out_avals[slot[e]].shape, out_avals[slot[e]].dtype)
                 add(op.bias_leaf, _use_vjp(jaxpr, op.bias_use, leaves[op.bias_leaf], zeros)(cot)[0])
         for leaf in [*plan.tables, *plan.pooled]:
             for use in plan.uses[leaf]:
+                assert use.eqn is not None  # dense and embedding uses are equations
                 cot = weighted(weights, cotangents[slot[use.eqn]])
                 add(leaf, _use_vjp(jaxpr, use, leaves[leaf], saved[slot[use.eqn]])(cot)[0])
         for i, leaf in enumerate(direct):
