@@ -233,10 +233,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                 last_k, last_s = last[method]
                 predicted = last_s * k / last_k  # linear in k (optimistic at large k)
                 if predicted > settings.time_budget_s:
+                    # Still compiled: its memory is what the engine's is compared to.
                     untimed = f"predicted step {predicted:.1f} s > time budget"
-                    if method.endswith("jacrev"):  # nothing to learn from compiling it
-                        skip_from[method] = result.skipped = untimed
-                        continue
             step, carry = factories[method](params, x, y)
             compiled = _timing.compile_step(step, carry, x, y)
             result.compile_seconds = compiled.seconds
@@ -504,7 +502,7 @@ def targets(results: list[Result], settings: Settings) -> str:
             r, jac = table.get((engine, k)), table.get((f"{aggregator} jacrev", k))
             if r is None or r.memory_total is None:
                 continue
-            if jac is not None and jac.memory_total and not jac.skipped:
+            if jac is not None and jac.memory_total:  # compiled (timed or not)
                 frac = r.memory_total / jac.memory_total
                 verdict = "met" if frac <= MEMORY_FRACTION_OF_JACREV else "MISSED"
                 lines.append(
@@ -541,11 +539,15 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
             for k in settings.ks
             if (method, k) in table and table[(method, k)].seconds is not None
         ]
-        if not points:
-            continue
-        ks = [k for k, _, _ in points]
-        ax_time.plot(ks, [r.seconds / b.seconds for _, r, b in points], label=method, **style)
-        mems = [(k, r.memory_total) for k, r, _ in points if r.memory_total]
+        if points:
+            ks = [k for k, _, _ in points]
+            ax_time.plot(ks, [r.seconds / b.seconds for _, r, b in points], label=method, **style)
+        # Memory wherever the step was compiled, timed or not.
+        mems = [
+            (k, table[(method, k)].memory_total)
+            for k in settings.ks
+            if (method, k) in table and table[(method, k)].memory_total
+        ]
         if mems:
             ax_mem.plot(
                 *zip(*[(k, m / 2**20) for k, m in mems], strict=True), label=method, **style
