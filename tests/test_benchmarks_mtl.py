@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import famo_jax
 from benchmarks import _mtl_bench as mtl
 from benchmarks import multidigits, qm9_like
 
@@ -172,6 +173,34 @@ def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
     np.testing.assert_allclose(engine.val_losses, jacrev.val_losses, rtol=1e-4)
 
 
+def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
+    k = 3
+    model = mtl.SharedTrunkNet((8,), k, 1)
+    x, y = jnp.ones((4, 5)), jnp.ones((4, k))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    context = mtl.RunContext(steps_per_epoch=2, learning_rate=1e-2)
+
+    def losses(p, x, y):
+        return mtl.task_losses_and_metrics("regression", model.apply({"params": p}, x), y)[0]
+
+    def update(method, params):
+        args = (k, jax.random.key(0)) + ((context,) if method.takes_context else ())
+        tx = method.build(*args)
+        value, implicit = famo_jax.gramian_task_gradients(losses, is_shared=mtl.SHARED)(
+            params, x, y
+        )
+        return tx.update(implicit, tx.init(params), params, losses=value)
+
+    for method in mtl.method_registry().values():
+        if method.family != "aggregator":
+            continue
+        if method.gram_based:
+            jax.eval_shape(lambda p, method=method: update(method, p), params)
+        else:
+            with pytest.raises(TypeError, match="ImplicitTaskGradients"):
+                jax.eval_shape(lambda p, method=method: update(method, p), params)
+
+
 def test_unknown_task_gradients_option_raises():
     bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
     cfg = mtl.TrainConfig(task_gradients="hessian")
@@ -192,6 +221,44 @@ def test_rlw_states_are_reseeded_per_run():
     w0, w1 = weights_of(jax.random.key(0)), weights_of(jax.random.key(1))
     np.testing.assert_allclose(w0.sum(), 1.0, rtol=1e-5)
     assert not np.allclose(w0, w1)
+
+
+def test_gradnorm_row_balances_the_trunks_last_dense_layer_only():
+    params = {
+        "trunk": {f"Dense_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for i in (0, 1)},
+        "heads": {"kernel": jnp.ones((3, 2, 1))},
+    }
+    flags = mtl._last_dense_layer(params)
+    assert flags == {
+        "trunk": {
+            "Dense_0": {"kernel": False, "bias": False},
+            "Dense_1": {"kernel": True, "bias": True},
+        },
+        "heads": {"kernel": False},
+    }
+
+
+def test_rows_that_follow_the_schedule_are_built_from_the_run():
+    registry = mtl.method_registry()
+    context = mtl.RunContext(steps_per_epoch=7, learning_rate=1e-2)
+    stch = registry["STCH"]
+    assert stch.takes_context
+    weighting = stch.build(3, jax.random.key(0), context)
+    state = weighting.init()
+    losses = jnp.array([1.0, 2.0, 4.0])
+    # The reference's 4 warm-up epochs (28 steps) are scale-invariant weights.
+    for _ in range(28):
+        state = weighting.update(losses, losses, state)
+    np.testing.assert_allclose(
+        jax.grad(weighting.weigh)(losses, state), 1 / (3 * losses), rtol=1e-5
+    )
+    # Every row builds with or without a context, as _make_run calls it.
+    for name, method in registry.items():
+        if method.build is None:
+            continue
+        args = (3, jax.random.key(0)) + ((context,) if method.takes_context else ())
+        assert method.build(*args) is not None, name
+    assert mtl._go4align_groups(2) == 2 and mtl._go4align_groups(12) == 3
 
 
 # Together the two runs take every code path of the harness: STL, a loss
