@@ -41,6 +41,8 @@ from famo_jax.aggregation import fairgrad as fairgrad
 from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import gradnorm as gradnorm
 from famo_jax.aggregation import gradvac as gradvac
+from famo_jax.aggregation import gramian_plan as gramian_plan
+from famo_jax.aggregation import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation import imtl_g as imtl_g
 from famo_jax.aggregation import krum as krum
 from famo_jax.aggregation import mgda as mgda
@@ -133,6 +135,8 @@ __all__ = [
     "graddrop",
     "gradnorm",
     "gradvac",
+    "gramian_plan",
+    "gramian_task_gradients",
     "imtl_g",
     "imtl_l",
     "krum",

@@ -41,6 +41,8 @@ from famo_jax.aggregation._gradvac import GradVacState as GradVacState
 from famo_jax.aggregation._gradvac import gradvac as gradvac
 from famo_jax.aggregation._gradvac import gradvac_orders as gradvac_orders
 from famo_jax.aggregation._gradvac import gradvac_weights as gradvac_weights
+from famo_jax.aggregation._gramian import gramian_plan as gramian_plan
+from famo_jax.aggregation._gramian import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
 from famo_jax.aggregation._krum import krum as krum
