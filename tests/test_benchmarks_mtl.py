@@ -174,7 +174,8 @@ def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
 
 
 def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
-    k = 3
+    # Every row's min_tasks (Krum's n_byzantine + 3 is the most).
+    k = max(method.min_tasks for method in mtl.method_registry().values())
     model = mtl.SharedTrunkNet((8,), k, 1)
     x, y = jnp.ones((4, 5)), jnp.ones((4, k))
     params = model.init(jax.random.key(0), x[:1])["params"]
