@@ -159,16 +159,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
         "learning_rate": args.lr,
     }
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    ablation = () if args.quick and args.ablation_gammas is None else (
-        ABLATION_GAMMAS if args.ablation_gammas is None else tuple(args.ablation_gammas)
+    ablation = (
+        ()
+        if args.quick and args.ablation_gammas is None
+        else (ABLATION_GAMMAS if args.ablation_gammas is None else tuple(args.ablation_gammas))
     )
-    methods = rows_to_run(args.methods or (QUICK_ROWS if args.quick else None), args.gamma,
-                          args.famo_lr, ablation)
-    lr_grid = tuple(args.lr_grid) if args.lr_grid is not None else (
-        (1e-3, 2e-3) if args.quick else LR_GRID
+    methods = rows_to_run(
+        args.methods or (QUICK_ROWS if args.quick else None), args.gamma, args.famo_lr, ablation
     )
-    grid_rows = set(args.grid_methods) if args.grid_methods is not None else (
-        {"LS"} if args.quick else set(GRID_ROWS)
+    lr_grid = (
+        tuple(args.lr_grid)
+        if args.lr_grid is not None
+        else ((1e-3, 2e-3) if args.quick else LR_GRID)
+    )
+    grid_rows = (
+        set(args.grid_methods)
+        if args.grid_methods is not None
+        else ({"LS"} if args.quick else set(GRID_ROWS))
     )
     if "all" in grid_rows:
         grid_rows = set(methods)
@@ -289,7 +296,10 @@ def render(summary, command, wall, cpu, load_start, load_end, quick, missing=())
     famo_rows = [n for n in names if n.startswith("FAMO")]
     parts = []
     if quick:
-        parts += ["**SMOKE TEST (--quick): a tiny slice for 2 epochs; these numbers mean nothing.**", ""]
+        parts += [
+            "**SMOKE TEST (--quick): a tiny slice for 2 epochs; these numbers mean nothing.**",
+            "",
+        ]
     if missing:
         parts += [f"**Partial: rows not run yet: {', '.join(missing)}.**", ""]
     parts += [
@@ -362,7 +372,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="Adam lr of rows without a grid")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None)
     parser.add_argument(
-        "--grid-methods", nargs="*", default=None, help=f"rows on the grid ('all'; default {GRID_ROWS})"
+        "--grid-methods",
+        nargs="*",
+        default=None,
+        help=f"rows on the grid ('all'; default {GRID_ROWS})",
     )
     parser.add_argument("--gamma", type=float, default=0.001, help="FAMO's default γ")
     parser.add_argument("--famo-lr", type=float, default=0.025)

@@ -309,7 +309,9 @@ def heavy_atom_graphs(
     )
 
 
-def fixed_split(num_molecules: int = NUM_MOLECULES, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+def fixed_split(
+    num_molecules: int = NUM_MOLECULES, seed: int = SPLIT_SEED
+) -> dict[str, np.ndarray]:
     """Test / validation / training indices (10k / 10k / rest of a seeded permutation)."""
     if num_molecules <= NUM_TEST + NUM_VAL:
         raise ValueError(f"num_molecules must exceed {NUM_TEST + NUM_VAL}, got {num_molecules}.")

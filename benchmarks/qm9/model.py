@@ -104,10 +104,8 @@ class GraphBatch(NamedTuple):
         return self.nodes.shape[0]
 
 
-def make_graph_batch(
-    molecules: MoleculeArrays, indices: jax.Array
-) -> tuple[GraphBatch, jax.Array]:
-    """The molecules at ``indices`` (shape ``(B,)``) as a :class:`GraphBatch` and ``(B, 11)`` targets.
+def make_graph_batch(molecules: MoleculeArrays, indices: jax.Array) -> tuple[GraphBatch, jax.Array]:
+    """The molecules at ``indices`` (``(B,)``) as a :class:`GraphBatch` and ``(B, 11)`` targets.
 
     Works under ``jit`` and ``vmap``; the shapes depend on ``B`` only.
     """
@@ -310,7 +308,9 @@ class MPNN(nn.Module):
     ops: str = "segment"
 
     def setup(self):
-        self.trunk = Trunk(self.dim, self.num_steps, self.edge_hidden, self.edge_network, ops=self.ops)
+        self.trunk = Trunk(
+            self.dim, self.num_steps, self.edge_hidden, self.edge_network, ops=self.ops
+        )
         self.heads = TaskHeads(self.num_tasks)
 
     def __call__(self, graph: GraphBatch) -> jax.Array:

@@ -66,9 +66,12 @@ class QM9Summary:
     def stl_val_baseline(self) -> np.ndarray:
         """``(11,)`` STL validation MAE (mean over seeds, each task at its chosen lr)."""
         stl = self.rows["STL"]
-        return np.array([
-            stl.for_lr(lr).val_mae_best[:, t].mean() for t, lr in enumerate(self.chosen_lrs("STL"))
-        ])
+        return np.array(
+            [
+                stl.for_lr(lr).val_mae_best[:, t].mean()
+                for t, lr in enumerate(self.chosen_lrs("STL"))
+            ]
+        )
 
     def selection_weights(self) -> np.ndarray:
         """``1 / (k * B_val)``: the weights whose dot with validation MAEs is Δm%/100 + 1."""
@@ -203,17 +206,22 @@ def paper_table(summary: QM9Summary, names: Sequence[str]) -> str:
     rows = []
     for n in sorted(names, key=paper.get):
         dm = summary.delta_m(n)
-        rows.append([
-            n,
-            f"{paper[n]:+.1f}",
-            f"{PAPER_TABLE2[n][1]:.2f}",
-            str(order_paper[n]),
-            f"{dm.mean():+.1f} ± {stderr(dm):.1f}",
-            f"{mr[n]:.2f}",
-            str(order_ours[n]),
-        ])
+        rows.append(
+            [
+                n,
+                f"{paper[n]:+.1f}",
+                f"{PAPER_TABLE2[n][1]:.2f}",
+                str(order_paper[n]),
+                f"{dm.mean():+.1f} ± {stderr(dm):.1f}",
+                f"{mr[n]:.2f}",
+                str(order_ours[n]),
+            ]
+        )
     rho = _spearman([order_paper[n] for n in names], [order_ours[n] for n in names])
-    return _table(header, rows) + f"\n\nSpearman rank correlation of the two Δm% orderings: {rho:+.2f}."
+    return (
+        _table(header, rows)
+        + f"\n\nSpearman rank correlation of the two Δm% orderings: {rho:+.2f}."
+    )
 
 
 def _spearman(a: Sequence[int], b: Sequence[int]) -> float:
@@ -239,13 +247,15 @@ def lr_table(summary: QM9Summary) -> str:
                 continue
             val = summary.val_delta_m(name, lr)
             test = summary.delta_m(name, lr)
-            rows.append([
-                name,
-                f"{lr:g}",
-                f"{val.mean():+.1f} ± {stderr(val):.1f}",
-                f"{test.mean():+.1f} ± {stderr(test):.1f}",
-                "chosen" if lr == chosen[0] else "",
-            ])
+            rows.append(
+                [
+                    name,
+                    f"{lr:g}",
+                    f"{val.mean():+.1f} ± {stderr(val):.1f}",
+                    f"{test.mean():+.1f} ± {stderr(test):.1f}",
+                    "chosen" if lr == chosen[0] else "",
+                ]
+            )
     header = ["Row", "Adam lr", "val Δm% (± s.e.)", "test Δm% (± s.e.)", "chosen on validation"]
     return _table(header, rows)
 
@@ -257,7 +267,11 @@ def famo_table(summary: QM9Summary, names: Sequence[str]) -> str:
     for name in names:
         row = summary.rows[name].for_lr(summary.chosen_lrs(name)[0])
         dm = summary.delta_m(name)
-        cells = [name, "lagged" if "lagged" in name else "same-batch", f"{_gamma_of(name, summary.gamma):g}"]
+        cells = [
+            name,
+            "lagged" if "lagged" in name else "same-batch",
+            f"{_gamma_of(name, summary.gamma):g}",
+        ]
         cells.append(f"{dm.mean():+.1f} ± {stderr(dm):.1f}")
         if ls is not None:
             ratio = row.train_loss[:, -1] / ls.train_loss[:, -1]

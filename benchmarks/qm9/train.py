@@ -43,7 +43,7 @@ import optax
 
 import famo_jax
 from benchmarks._mtl_bench import Method
-from benchmarks.qm9.data import NUM_TARGETS, TARGET_NAMES, QM9Molecules
+from benchmarks.qm9.data import NUM_TARGETS, QM9Molecules
 from benchmarks.qm9.model import MPNN, MoleculeArrays, make_graph_batch
 
 # From benchmarks/_mtl_bench.py (copied, not imported: that module is being
@@ -205,7 +205,9 @@ class RowResult(NamedTuple):
         """The runs of one learning rate (``num_seeds`` of them)."""
         keep = np.isclose(self.learning_rates, lr, rtol=1e-6, atol=0.0)
         if not np.any(keep):
-            raise ValueError(f"no run with learning rate {lr}; have {np.unique(self.learning_rates)}")
+            raise ValueError(
+                f"no run with learning rate {lr}; have {np.unique(self.learning_rates)}"
+            )
         pick = lambda a: None if a is None else a[keep]
         return self._replace(
             learning_rates=self.learning_rates[keep],
@@ -222,7 +224,7 @@ class RowResult(NamedTuple):
 
 
 def _padded_batches(num: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(num_batches, batch)`` covering ``range(num)`` (padded with 0) and their weights."""
+    """Indices ``(num_batches, batch)`` covering ``range(num)`` (0-padded) and their weights."""
     num_batches = -(-num // batch)
     idx = np.zeros(num_batches * batch, np.int32)
     idx[:num] = np.arange(num)
@@ -389,12 +391,8 @@ class Trainer:
     def _evaluate_runs(self, params, molecules: MoleculeArrays) -> np.ndarray:
         """``(runs, k)`` MAE of stacked parameters, one compiled program for any count."""
         num = jax.tree.leaves(params)[0].shape[0]
-        return np.stack(
-            [
-                np.asarray(self._evaluate_one(jax.tree.map(lambda a: a[i], params), molecules)[1])
-                for i in range(num)
-            ]
-        )
+        runs = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(num)]
+        return np.stack([np.asarray(self._evaluate_one(p, molecules)[1]) for p in runs])
 
     # -- one row ----------------------------------------------------------------
 
@@ -461,9 +459,9 @@ class Trainer:
         )(params, run_keys, lrs_device)
         jax.block_until_ready(carry)
         init_seconds = time.perf_counter() - start_row
-        epoch_keys = jax.vmap(lambda key: jax.random.split(jax.random.split(key, 3)[1], cfg.epochs))(
-            run_keys
-        )  # (R, epochs)
+        epoch_keys = jax.vmap(
+            lambda key: jax.random.split(jax.random.split(key, 3)[1], cfg.epochs)
+        )(run_keys)  # (R, epochs)
         program = jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, 0, 0)), donate_argnums=0)
         data = (self.splits.train, self.splits.val)
         start = time.perf_counter()
@@ -488,7 +486,11 @@ class Trainer:
             best, last = (jax.tree.map(lambda a: a[:, None], t) for t in (best, last))
         val_best, test_best, test_last = (
             self._evaluate_runs(flat(p), split)
-            for p, split in ((best, self.splits.val), (best, self.splits.test), (last, self.splits.test))
+            for p, split in (
+                (best, self.splits.val),
+                (best, self.splits.test),
+                (last, self.splits.test),
+            )
         )
         val_best, test_best, test_last = map(unflat, (val_best, test_best, test_last))
         final_seconds = time.perf_counter() - start
