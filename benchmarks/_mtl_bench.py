@@ -264,6 +264,9 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         Method("Nash-MTL", "aggregator", lambda k, key: fj.nash_mtl(k)),
         Method("FAMO", "weighting", famo_build, "same_batch"),
         Method("FAMO-lagged", "weighting", famo_build, "lagged"),
+        # robust_famo with its defaults (nothing to tune: see docs/which_famo.md).
+        Method("FAMO-robust", "weighting", lambda k, key: fj.robust_famo(k), "same_batch"),
+        Method("FAMO-robust-lagged", "weighting", lambda k, key: fj.robust_famo(k), "lagged"),
     ]
     return {m.name: m for m in candidates}
 
@@ -608,7 +611,7 @@ def famo_table(summary: Summary, rows: Sequence[str]) -> str:
                 [
                     name,
                     mode,
-                    f"{gamma:g}",
+                    gamma,
                     f"{dm.mean():+.2f} ± {_stderr(dm):.2f}",
                     f"{geo:.3f}",
                     f"{worst:.3f}",
@@ -620,11 +623,13 @@ def famo_table(summary: Summary, rows: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _famo_mode_and_gamma(name: str, default_gamma: float) -> tuple[str, float]:
+def _famo_mode_and_gamma(name: str, default_gamma: float) -> tuple[str, str]:
     mode = "lagged" if "lagged" in name else "same-batch"
+    if "robust" in name:  # robust_famo has no coupled decay gamma
+        return mode, "—"
     if "γ=" in name:
-        return mode, float(name.split("γ=")[1].rstrip(")"))
-    return mode, default_gamma
+        return mode, f"{float(name.split('γ=')[1].rstrip(')')):g}"
+    return mode, f"{default_gamma:g}"
 
 
 def train_loss_table(summary: Summary) -> str:
