@@ -158,3 +158,12 @@ def test_quick_run_end_to_end(molecules, tmp_path):
     assert "| FAMO |" in text and "| IMTL-G |" in text and "Partial" not in text
     with np.load(out / "qm9_results.npz") as saved:
         np.testing.assert_array_equal(saved["IMTL-G/test_mae_best"], row.test_mae_best)
+    # A second invocation reuses the saved rows (same settings) instead of training them.
+    again = main(
+        ["--quick", "--cache", str(cache), "--out", str(tmp_path / "again"), "--progress", "none"]
+        + ["--methods", "FAMO", "IMTL-G", "--seeds", "2", "--epochs", "1"]
+        + ["--reuse-from", str(out)]
+    )
+    for name, row in summary.rows.items():
+        np.testing.assert_array_equal(again.rows[name].test_mae_best, row.test_mae_best)
+        np.testing.assert_array_equal(again.rows[name].best_epoch, row.best_epoch)

@@ -208,9 +208,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
     out = args.out or tempfile.mkdtemp(prefix="famo_jax_qm9_")
     os.makedirs(out, exist_ok=True)
     command = " ".join(["python -m benchmarks.qm9", *argv])
-    if args.stl_from:
-        summary.rows["STL"] = load_row(os.path.join(args.stl_from, "qm9_results.npz"), "STL", cfg)
-        print(f"STL from {args.stl_from} (same settings)", flush=True)
+    if args.reuse_from:
+        path = os.path.join(args.reuse_from, "qm9_results.npz")
+        for name in saved_rows(path):
+            if name in methods:
+                summary.rows[name] = load_row(path, name, cfg)
+        print(f"rows from {path} (same settings): {', '.join(summary.rows)}", flush=True)
     # STL first (every other row's selection needs its validation MAE), then
     # the O(1) weightings, the O(k) aggregators last; tables keep the registry's order.
     order = sorted(methods, key=lambda n: (n != "STL", methods[n].family == "aggregator"))
@@ -335,6 +338,13 @@ def config_text(cfg: QM9Config) -> str:
     return repr(dataclasses.replace(cfg, compile_options=None))
 
 
+def saved_rows(path: str) -> list[str]:
+    """The row names in a ``qm9_results.npz``, in the order they were saved."""
+    with np.load(path) as f:
+        names = [key.split("/")[0] for key in f.files if key.endswith("/test_mae_best")]
+    return names
+
+
 def load_row(path: str, name: str, cfg: QM9Config) -> RowResult:
     """Row ``name`` of a ``qm9_results.npz`` written with the same settings as ``cfg``."""
     with np.load(path) as f:
@@ -390,9 +400,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"extra FAMO rows (same-batch and lagged) at these γ (default {ABLATION_GAMMAS})",
     )
     parser.add_argument(
-        "--stl-from",
+        "--reuse-from",
         default=None,
-        help="reuse the STL row of an earlier --out DIR with the same settings",
+        help="reuse the rows of an earlier --out DIR with the same settings (train the rest)",
     )
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     return parser.parse_args(argv)
