@@ -211,8 +211,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
     if args.reuse_from:
         path = os.path.join(args.reuse_from, "qm9_results.npz")
         for name in saved_rows(path):
-            if name in methods:
-                summary.rows[name] = load_row(path, name, cfg)
+            if name not in methods:
+                continue
+            row = load_row(path, name, cfg)
+            # A row is reused only with the learning rates it would be trained with.
+            if np.allclose(np.unique(row.learning_rates), sorted(grid[name]), rtol=1e-6):
+                summary.rows[name] = row
         print(f"rows from {path} (same settings): {', '.join(summary.rows)}", flush=True)
     # STL first (every other row's selection needs its validation MAE), then
     # the O(1) weightings, the O(k) aggregators last; tables keep the registry's order.
