@@ -215,7 +215,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
                 continue
             row = load_row(path, name, cfg)
             # A row is reused only with the learning rates it would be trained with.
-            if np.allclose(np.unique(row.learning_rates), sorted(grid[name]), rtol=1e-6):
+            saved_lrs, wanted = np.unique(row.learning_rates), np.sort(grid[name])
+            if saved_lrs.shape == wanted.shape and np.allclose(saved_lrs, wanted, rtol=1e-6):
                 summary.rows[name] = row
         print(f"rows from {path} (same settings): {', '.join(summary.rows)}", flush=True)
     # STL first (every other row's selection needs its validation MAE), then
