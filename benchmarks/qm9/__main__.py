@@ -208,19 +208,42 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
     out = args.out or tempfile.mkdtemp(prefix="famo_jax_qm9_")
     os.makedirs(out, exist_ok=True)
     command = " ".join(["python -m benchmarks.qm9", *argv])
-    if args.reuse_from:
-        path = os.path.join(args.reuse_from, "qm9_results.npz")
+    for directory in args.reuse_from or ():
+        path = os.path.join(directory, "qm9_results.npz")
+        reused = []
         for name in saved_rows(path):
-            if name not in methods:
+            if name not in methods or name in summary.rows:
                 continue
             row = load_row(path, name, cfg)
             # A row is reused only with the learning rates it would be trained with.
             saved_lrs, wanted = np.unique(row.learning_rates), np.sort(grid[name])
             if saved_lrs.shape == wanted.shape and np.allclose(saved_lrs, wanted, rtol=1e-6):
                 summary.rows[name] = row
-        print(f"rows from {path} (same settings): {', '.join(summary.rows)}", flush=True)
+                reused.append(name)
+        print(f"rows from {path} (same settings): {', '.join(reused)}", flush=True)
     # STL first (every other row's selection needs its validation MAE), then
     # the O(1) weightings, the O(k) aggregators last; tables keep the registry's order.
+    reused = set(summary.rows)
+
+    def write() -> str:
+        # After every row, so an interrupted run keeps its finished rows.
+        summary.rows = {n: summary.rows[n] for n in methods if n in summary.rows}
+        text = render(
+            summary,
+            command,
+            time.perf_counter() - wall,
+            time.process_time() - cpu,
+            load_start,
+            os.getloadavg(),
+            args.quick,
+            missing=[n for n in methods if n not in summary.rows],
+            reused=[n for n in summary.rows if n in reused],
+        )
+        with open(os.path.join(out, "qm9.md"), "w") as f:
+            f.write(text)
+        save_results(summary, cfg, os.path.join(out, "qm9_results.npz"))
+        return text
+
     order = sorted(methods, key=lambda n: (n != "STL", methods[n].family == "aggregator"))
     for name in order:
         if name in summary.rows:
@@ -240,24 +263,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
             dm = summary.delta_m(name)
             line += f"; test Δm% {dm.mean():+.1f} ± {report.stderr(dm):.1f}"
         print(line, flush=True)
-        # Written after every row, so an interrupted run keeps its finished rows.
-        summary.rows = {n: summary.rows[n] for n in methods if n in summary.rows}
-        done = len(summary.rows) == len(methods)
-        text = render(
-            summary,
-            command,
-            time.perf_counter() - wall,
-            time.process_time() - cpu,
-            load_start,
-            os.getloadavg(),
-            args.quick,
-            missing=[n for n in methods if n not in summary.rows],
-        )
-        with open(os.path.join(out, "qm9.md"), "w") as f:
-            f.write(text)
-        save_results(summary, cfg, os.path.join(out, "qm9_results.npz"))
+        write()
+    text = write()
     print("\n" + text)
-    print(f"wrote {os.path.join(out, 'qm9.md')} and qm9_results.npz", "" if done else "(partial)")
+    print(f"wrote {os.path.join(out, 'qm9.md')} and qm9_results.npz")
     return summary
 
 
@@ -301,7 +310,7 @@ def settings_text(summary: report.QM9Summary, command: str) -> str:
     return " ".join(parts)
 
 
-def render(summary, command, wall, cpu, load_start, load_end, quick, missing=()) -> str:
+def render(summary, command, wall, cpu, load_start, load_end, quick, missing=(), reused=()) -> str:
     names = list(summary.rows)
     main = [n for n in names if "γ=" not in n]
     famo_rows = [n for n in names if n.startswith("FAMO")]
@@ -326,10 +335,18 @@ def render(summary, command, wall, cpu, load_start, load_end, quick, missing=())
         parts += ["", "Learning-rate grid:", "", report.lr_table(summary)]
     if famo_rows:
         parts += ["", "FAMO variants:", "", report.famo_table(summary, famo_rows)]
-    compile_total = sum(r.compile_seconds + r.other_seconds for r in summary.rows.values())
+    compile_total = sum(
+        r.compile_seconds + r.other_seconds for n, r in summary.rows.items() if n not in reused
+    )
     parts += [
         "",
-        f"Whole run: {wall:.0f} s wall ({compile_total:.0f} s of it compiling, "
+        (
+            f"Rows {', '.join(reused)} were trained by an earlier run with the same settings "
+            "(--reuse-from); the times below are this invocation's. "
+            if reused
+            else ""
+        )
+        + f"Whole run: {wall:.0f} s wall ({compile_total:.0f} s of it compiling, "
         f"initialising and evaluating), {cpu:.0f} s CPU on {machine_text()}; load "
         f"average {load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end "
         "(above the core count the machine was shared and wall times are inflated).",
@@ -406,8 +423,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reuse-from",
+        nargs="+",
         default=None,
-        help="reuse the rows of an earlier --out DIR with the same settings (train the rest)",
+        help="reuse the rows of earlier --out DIRs with the same settings (train the rest)",
     )
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     return parser.parse_args(argv)
