@@ -263,14 +263,20 @@ def lr_table(summary: QM9Summary) -> str:
 def famo_table(summary: QM9Summary, names: Sequence[str]) -> str:
     """FAMO's update mode and γ: Δm%, final training loss against LS, spread of the weights."""
     rows = []
-    ls = summary.rows["LS"].for_lr(summary.chosen_lrs("LS")[0]) if "LS" in summary.rows else None
+    ls_row = summary.rows.get("LS")
+    ls = None
     for name in names:
-        row = summary.rows[name].for_lr(summary.chosen_lrs(name)[0])
+        lr = summary.chosen_lrs(name)[0]
+        row = summary.rows[name].for_lr(lr)
+        if ls_row is not None:
+            # LS at the row's learning rate when LS was trained at it (a fair loss ratio).
+            same = np.isclose(ls_row.learning_rates, lr, rtol=1e-6).any()
+            ls = ls_row.for_lr(lr if same else summary.chosen_lrs("LS")[0])
         dm = summary.delta_m(name)
         cells = [
             name,
             "lagged" if "lagged" in name else "same-batch",
-            f"{_gamma_of(name, summary.gamma):g}",
+            "– (robust_famo)" if "robust" in name else f"{_gamma_of(name, summary.gamma):g}",
         ]
         cells.append(f"{dm.mean():+.1f} ± {stderr(dm):.1f}")
         if ls is not None:
@@ -286,7 +292,7 @@ def famo_table(summary: QM9Summary, names: Sequence[str]) -> str:
         rows.append(cells)
     header = ["Row", "update", "γ", "Δm% ↓ (± s.e.)"]
     if ls is not None:
-        header.append("last-epoch train loss / LS (geo. mean)")
+        header.append("last-epoch train loss / LS at the same lr (geo. mean)")
     header += ["max z / min z (last epoch)", "largest weight (last epoch)"]
     return _table(header, rows)
 
