@@ -325,6 +325,11 @@ def render(summary, command, wall, cpu, load_start, load_end, quick, missing=(),
     parts += [
         settings_text(summary, command),
         "",
+        "Summary (Δm% against STL, mean ± s.e. over seeds; the lr chosen on validation, "
+        "and every row at the common lr):",
+        "",
+        report.summary_table(summary, main),
+        "",
         "Test MAE per target (mean over seeds):",
         "",
         report.main_table(summary, main),

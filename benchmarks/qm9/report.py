@@ -301,3 +301,40 @@ def _gamma_of(name: str, default: float) -> float:
     if "γ=" in name:
         return float(name.split("γ=")[1].rstrip(")"))
     return default
+
+
+def summary_table(summary: QM9Summary, names: Sequence[str]) -> str:
+    """One line per row: Δm% at its chosen lr and at the common lr, MR, the paper's Δm%, time."""
+    common = summary.cfg.learning_rate
+    ranked = [n for n in names if n != "STL"]
+    mr, _ = summary.ranks(ranked) if len(ranked) > 1 else ({}, {})
+    ls = summary.seconds_per_epoch("LS") if "LS" in summary.rows else None
+    rows = []
+    for name in ranked:
+        row = summary.rows[name]
+        dm = summary.delta_m(name)
+        has_common = np.isclose(row.learning_rates, common, rtol=1e-6).any()
+        dm_common = summary.delta_m(name, common) if has_common else None
+        paper = PAPER_TABLE2.get(name)
+        sec = summary.seconds_per_epoch(name)
+        rows.append(
+            [
+                name,
+                f"{dm.mean():+.1f} ± {stderr(dm):.1f}",
+                f"{float(summary.chosen_lrs(name)[0]):g}",
+                "" if dm_common is None else f"{dm_common.mean():+.1f} ± {stderr(dm_common):.1f}",
+                f"{mr[name]:.2f}" if name in mr else "",
+                "" if paper is None else f"{paper[2]:+.1f}",
+                f"{sec / ls:.2f}×" if ls else "",
+            ]
+        )
+    header = [
+        "Method",
+        "Δm% ↓ (± s.e.)",
+        "lr",
+        f"Δm% at lr {common:g}",
+        "MR ↓",
+        "paper Δm%",
+        "s/epoch × LS",
+    ]
+    return _table(header, rows)
