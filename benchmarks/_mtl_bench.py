@@ -10,15 +10,18 @@ a jitted ``lax.scan`` over epochs of a ``lax.scan`` over steps).
 Methods (:func:`method_registry`):
 
 - ``STL``: one model per task (``jax.vmap`` over the tasks too).
-- Loss weightings (``LS``, ``SI``, ``RLW``, ``DWA``, ``UW``, ``FAMO``): the
-  model takes the gradient of ``weighting.weigh(losses, state)``; the state is
-  advanced by ``weighting.update(prev, curr, state)`` after the model step.
+- Loss weightings (``LS``, ``SI``, ``RLW``, ``DWA``, ``UW``, ``GLS``, ``STCH``,
+  ``IMTL-L``, ``PBI``, ``GO4Align``, ``FAMO``): the model takes the gradient of
+  ``weighting.weigh(losses, state)``; the state is advanced by
+  ``weighting.update(prev, curr, state)`` after the model step.
   ``FAMO`` uses the authors' *same-batch* update (the batch's losses re-computed
   after the step: one extra forward pass); ``FAMO-lagged`` calls
   ``update(losses[t-1], losses[t])`` with the losses it computed anyway.
 - Gradient aggregators (``MGDA``, ``PCGrad``, ``CAGrad``, ``IMTL-G``,
-  ``Nash-MTL``): per-task gradients of the shared trunk (``jax.jacrev``) go
-  through the aggregator; each task head receives its own task's gradient.
+  ``Nash-MTL``, ``GradVac``, ``SDMGrad``, ``MoDo``, ``MoCo``,
+  ``ExcessMTL``, ``DB-MTL``, ``GradNorm``): per-task gradients of the shared
+  trunk (``jax.jacrev``) go through the aggregator, with the step's losses as
+  ``losses=``; each task head receives its own task's gradient.
 
 After every epoch the model is evaluated on the validation and test sets. The
 reported test metrics are those of the epoch with the lowest mean validation
@@ -220,13 +223,48 @@ class Method:
       reseed: ``(state, key) -> state`` that makes a method's random state
         depend on the seed, for methods with a PRNG key in their state (so the
         vmapped seeds are independent runs); None for the others.
+      takes_context: whether ``build`` takes a third argument, the run's
+        :class:`RunContext` (for methods whose settings follow the training
+        schedule: epochs counted in steps, the model's learning rate).
+      note: how the row's settings depart from the method's defaults or from
+        its authors' protocol; printed under the tables.
     """
 
     name: str
     family: str
-    build: Callable[[int, jax.Array], Any] | None = None
+    build: Callable[..., Any] | None = None
     update: str = "step"
     reseed: Callable[[Any, jax.Array], Any] | None = None
+    takes_context: bool = False
+    note: str = ""
+
+
+class RunContext(NamedTuple):
+    """What a :class:`Method` with ``takes_context`` is built with.
+
+    Attributes:
+      steps_per_epoch: model steps per epoch.
+      learning_rate: the model's learning rate (a float or an optax schedule),
+        for methods whose reference trains its own parameters with the model's
+        optimizer (LibMTL's IMTL-L and GradNorm).
+    """
+
+    steps_per_epoch: int
+    learning_rate: optax.ScalarOrSchedule
+
+
+def _last_dense_layer(tree: Any) -> Any:
+    """True for the leaves of the trunk's last ``Dense_i`` (GradNorm's last shared layer)."""
+    path_of = lambda path: [getattr(entry, "key", None) for entry in path]
+    paths = [path_of(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    dense = [int(n[len("Dense_") :]) for p in paths for n in p if str(n).startswith("Dense_")]
+    last = f"Dense_{max(dense)}" if dense else None
+    return jax.tree_util.tree_map_with_path(lambda p, _: last in path_of(p), tree)
+
+
+def _go4align_groups(num_tasks: int) -> int:
+    """About sqrt(k) groups, at least 2 (so that the grouping acts), at most k."""
+    return min(num_tasks, max(2, round(math.sqrt(num_tasks))))
 
 
 def _replace_key(state: Any, key: jax.Array) -> Any:
@@ -240,10 +278,15 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
     FAMO uses the authors' supervised-benchmark hyperparameters: logits
     learning rate ``famo_lr`` (0.025) and decay ``gamma`` (0.001). The other
     methods use their famo_jax defaults (CAGrad ``c=0.4``, DWA ``T=2`` over
-    25-step windows, UW log-variance lr 0.025).
+    25-step windows, UW log-variance lr 0.025), except where a row's ``note``
+    says otherwise.
     """
     fj = famo_jax
     famo_build = lambda k, key: fj.famo(k, learning_rate=famo_lr, gamma=gamma)
+    single_batch = (
+        "the single-batch fallback (the weights from this batch's Gram matrix; the "
+        "authors draw two more batches for an unbiased cross-Gram)"
+    )
     candidates = [
         Method("STL", "stl"),
         Method("LS", "weighting", lambda k, key: fj.linear_scalarization(k)),
@@ -256,12 +299,60 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         ),
         Method("DWA", "weighting", lambda k, key: fj.dwa(k)),
         Method("UW", "weighting", lambda k, key: fj.uncertainty_weighting(k)),
+        # Loss weightings of LibMTL, LibMOON and GO4Align (issue 14).
+        Method("GLS", "weighting", lambda k, key: fj.gls(k)),
+        Method(
+            "GO4Align",
+            "weighting",
+            lambda k, key: fj.go4align(k, _go4align_groups(k)),
+            note="num_groups = min(k, max(2, round(sqrt(k)))) (the authors give no default)",
+        ),
+        Method(
+            "IMTL-L",
+            "weighting",
+            lambda k, key, ctx: fj.imtl_l(k, learning_rate=ctx.learning_rate),
+            takes_context=True,
+            note="log-scales trained at the model's learning rate (LibMTL trains them "
+            "with the model's optimizer)",
+        ),
+        Method("PBI", "weighting", lambda k, key: fj.pbi(k)),
+        Method(
+            "STCH",
+            "weighting",
+            lambda k, key, ctx: fj.stch(
+                k, warmup_steps=4 * ctx.steps_per_epoch, nadir_steps=ctx.steps_per_epoch
+            ),
+            takes_context=True,
+            note="the reference's schedule: 4 warm-up epochs, then the nadir over 1 epoch",
+        ),
         Method("MGDA", "aggregator", lambda k, key: fj.mgda()),
         # The task orders are drawn from a key that differs between seeds.
         Method("PCGrad", "aggregator", lambda k, key: fj.pcgrad(key=key)),
         Method("CAGrad", "aggregator", lambda k, key: fj.cagrad(c=0.4)),
         Method("IMTL-G", "aggregator", lambda k, key: fj.imtl_g()),
         Method("Nash-MTL", "aggregator", lambda k, key: fj.nash_mtl(k)),
+        # Aggregators of LibMTL and TorchJD (issue 14).
+        Method("DB-MTL", "aggregator", lambda k, key: fj.db_mtl(k)),
+        Method("ExcessMTL", "aggregator", lambda k, key: fj.excess_mtl(k)),
+        Method(
+            "GradNorm",
+            "aggregator",
+            lambda k, key, ctx: fj.gradnorm(
+                k,
+                learning_rate=ctx.learning_rate,
+                last_shared_layer=_last_dense_layer,
+                warmup_steps=ctx.steps_per_epoch,
+            ),
+            takes_context=True,
+            note="the paper's last shared layer (the trunk's last Dense), reference "
+            "losses over the first epoch (LibMTL's), weights trained with Adam at the "
+            "model's learning rate (LibMTL: the model's optimizer)",
+        ),
+        # As PCGrad's: the task orders are drawn from a key that differs between seeds.
+        Method("GradVac", "aggregator", lambda k, key: fj.gradvac(k, key=key)),
+        Method("MoCo", "aggregator", lambda k, key: fj.moco(k)),
+        Method("MoDo", "aggregator", lambda k, key: fj.modo(k), note=single_batch),
+        Method("SDMGrad", "aggregator", lambda k, key: fj.sdmgrad(k), note=single_batch),
         Method("FAMO", "weighting", famo_build, "same_batch"),
         Method("FAMO-lagged", "weighting", famo_build, "lagged"),
         # robust_famo with its defaults (nothing to tune: see docs/which_famo.md).
@@ -312,15 +403,18 @@ def _select_tree(flag: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
-def _model_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam with the configured (cosine or constant) learning rate."""
+def _model_learning_rate(cfg: TrainConfig, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+    """The configured (cosine or constant) learning rate."""
     if cfg.schedule == "cosine":
-        return optax.adam(
-            optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps_per_epoch)
-        )
+        return optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "constant":
-        return optax.adam(cfg.learning_rate)
+        return cfg.learning_rate
     raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}.")
+
+
+def _model_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with the configured learning rate."""
+    return optax.adam(_model_learning_rate(cfg, steps_per_epoch))
 
 
 def weighting_step(weighting, update: str, task_losses, model_opt, x_train, y_train):
@@ -382,6 +476,12 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {num_train} training examples.")
     model_opt = _model_optimizer(cfg, steps_per_epoch)
+    context = RunContext(steps_per_epoch, _model_learning_rate(cfg, steps_per_epoch))
+
+    def build(k_method):
+        if method.takes_context:
+            return method.build(k, k_method, context)
+        return method.build(k, k_method)
 
     def evaluate(params, x, y):
         return task_losses_and_metrics(bench.kind, model.apply({"params": params}, x), y)
@@ -394,7 +494,7 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
             # Trunk: the aggregate of the k task gradients, times k (the authors'
             # sum convention); heads: each its own task's gradient.
             transform = optax.chain(
-                famo_jax.shared_trunk(method.build(k, k_method), {"trunk": True, "heads": False}),
+                famo_jax.shared_trunk(build(k_method), {"trunk": True, "heads": False}),
                 optax.scale(float(k)),
             )
             step = aggregator_step(transform, task_losses, model_opt, x_train, y_train)
@@ -402,7 +502,7 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
         if method.family == "stl":
             weighting = _fixed_weighting(stl_weights)
         else:
-            weighting = method.build(k, k_method)
+            weighting = build(k_method)
         step = weighting_step(weighting, method.update, task_losses, model_opt, x_train, y_train)
         return step, weighting.init()
 
@@ -648,6 +748,17 @@ def train_loss_table(summary: Summary) -> str:
     return "\n".join(lines)
 
 
+def _method_notes(summary: Summary) -> list[str]:
+    """The ``note`` of every row that has one, as sentences."""
+    registry = method_registry(summary.gamma, summary.famo_lr)
+    notes = [
+        f"{name}: {registry[name].note}."
+        for name in summary.results
+        if name in registry and registry[name].note
+    ]
+    return (["Row settings:", *notes]) if notes else []
+
+
 def settings_text(summary: Summary, command: str) -> str:
     """A paragraph stating every setting that the numbers depend on."""
     cfg = summary.cfg
@@ -668,6 +779,7 @@ def settings_text(summary: Summary, command: str) -> str:
         "each head gets its own task's gradient.",
         "Δm% against STL (lower is better); MR = mean rank among the rows other "
         "than STL (ties share the average rank).",
+        *_method_notes(summary),
         "Training time: wall seconds of the jitted, seed-vmapped run (all "
         f"{cfg.num_seeds} seeds together; STL = all {bench.num_tasks} single-task "
         f"models), compile excluded; {platform.machine()}, {jax.device_count()} "

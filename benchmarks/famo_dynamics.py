@@ -3,7 +3,7 @@
 Three problems, each run for several initialisations vmapped in one jitted
 ``lax.scan`` per method:
 
-- ``full``: a shared tanh MLP (16 -> 64 -> 64) with 11 linear regression heads;
+- ``full``: a shared tanh MLP (16 -> 128 -> 128, ``--hidden``) with 11 linear regression heads;
   target ``i`` is ``s_i * sin(x . a_i + phi_i)`` plus 1% noise with scales
   ``s_i = 10**linspace(-2, 2, 11)`` (mean squared errors from about 1e-4 to
   1e4), 512 examples, full batch, Adam 1e-3, 3,000 steps, 5 initialisations;

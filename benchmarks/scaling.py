@@ -16,8 +16,11 @@ step (median over repeats after warm-up, ``block_until_ready`` after each call):
 - ``FAMO same-batch``: the authors' mode: after the model step, the losses are
   re-computed on the same batch (one extra forward pass, no gradient) and
   ``update(prev, curr)`` is called.
-- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``: gradient
-  aggregators (their default hyperparameters): the per-task gradients of the
+- ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``, ``DB-MTL``,
+  ``ExcessMTL``, ``GradNorm`` (on the trunk's last layer), ``GradVac``,
+  ``MoCo``, ``MoDo`` and ``SDMGrad`` (both with the weights from the step's own
+  Gram matrix, their single-batch mode): gradient aggregators (their default
+  hyperparameters; the step's losses as ``losses=``): the per-task gradients of the
   shared trunk (``famo_jax.task_gradients``, i.e. ``jax.jacrev`` of the loss
   vector: one forward pass and k vectorised backward passes, stacked on a
   leading task axis) are combined by the aggregator; the heads get the gradient
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -69,14 +73,36 @@ from famo_jax import aggregation
 FULL_KS = (2, 4, 10, 40, 100, 400, 1000)
 QUICK_KS = (2, 4, 10)
 LOSS_WEIGHTINGS = ("LS", "FAMO lagged", "FAMO same-batch")
-# Display name -> factory of the O(k) methods (the floor is defined below).
-AGGREGATORS: dict[str, Callable[[], optax.GradientTransformation]] = {
+
+
+def of_num_tasks(
+    build: Callable[[int], optax.GradientTransformation],
+) -> Callable[[int], optax.GradientTransformation]:
+    """Marks an ``AGGREGATORS`` factory that takes the number of tasks."""
+    build.takes_num_tasks = True  # type: ignore[attr-defined]
+    return build
+
+
+# The paper's last shared layer: the trunk's second (last) linear layer.
+TRUNK_LAST_LAYER = {"w1": False, "b1": False, "w2": True, "b2": True}
+
+# Display name -> factory of the O(k) methods (the floor is defined below): no
+# argument, or the number of tasks for those marked with ``of_num_tasks``.
+AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "O(k) floor": lambda: floor_aggregator(),
     "CAGrad": famo_jax.cagrad,
     "MGDA": famo_jax.mgda,
     "PCGrad": famo_jax.pcgrad,
     "IMTL-G": famo_jax.imtl_g,
     "Nash-MTL": famo_jax.nash_mtl,
+    # LibMTL's and TorchJD's (issue 14); MoDo and SDMGrad in their single-batch mode.
+    "DB-MTL": of_num_tasks(famo_jax.db_mtl),
+    "ExcessMTL": of_num_tasks(famo_jax.excess_mtl),
+    "GradNorm": of_num_tasks(lambda k: famo_jax.gradnorm(k, last_shared_layer=TRUNK_LAST_LAYER)),
+    "GradVac": of_num_tasks(famo_jax.gradvac),
+    "MoCo": of_num_tasks(famo_jax.moco),
+    "MoDo": of_num_tasks(famo_jax.modo),
+    "SDMGrad": of_num_tasks(famo_jax.sdmgrad),
 }
 METHODS = LOSS_WEIGHTINGS + tuple(AGGREGATORS)
 
@@ -279,14 +305,20 @@ def make_aggregator(name: str) -> Callable:
     factory = AGGREGATORS[name]
 
     def make(params: dict, x: jax.Array, y: jax.Array) -> tuple[Callable, Any]:
-        aggregator = factory()
+        num_tasks = y.shape[1]
+        built = factory(num_tasks) if getattr(factory, "takes_num_tasks", False) else factory()
+        # Every aggregator gets the step's losses (MoCo, DB-MTL and GradNorm read them).
+        aggregator = optax.with_extra_args_support(built)
 
         def step(carry, x, y):
             params, opt_state, agg_state = carry
             task_grads, feats = trunk_task_gradients(params, x, y)
+            losses = head_losses(params["heads"], feats, y)
             # Each head only affects its own task: its gradient is that of the mean loss.
             head_grads = jax.grad(lambda h: jnp.mean(head_losses(h, feats, y)))(params["heads"])
-            trunk_grads, agg_state = aggregator.update(task_grads, agg_state, params["trunk"])
+            trunk_grads, agg_state = aggregator.update(
+                task_grads, agg_state, params["trunk"], losses=losses
+            )
             grads = {"trunk": trunk_grads, "heads": head_grads}
             params, opt_state = _apply(params, opt_state, grads)
             return params, opt_state, agg_state
@@ -553,10 +585,13 @@ def plot(results: list[Result], settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(METHODS, "os^hDvP*X", strict=True))
+    # Cycled: more methods than markers or colours repeat them in other pairs.
+    markers = dict(zip(METHODS, itertools.cycle("os^hDvP*Xd<>p")))
     palette = ["tab:blue", "tab:orange", "tab:green", "gray", "tab:red", "tab:purple"]
-    palette += ["tab:brown", "tab:pink", "tab:olive"]
-    colors = dict(zip(METHODS, palette, strict=True))
+    palette += ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"]
+    # Then the light halves of tab20, so that the first 19 methods differ in colour.
+    palette += list(plt.get_cmap("tab20").colors[1::2])
+    colors = dict(zip(METHODS, itertools.cycle(palette)))
     for method in settings.methods:
         points = [
             (r.num_tasks, ratio(results, method, r.num_tasks, "time"), r.memory_total)
@@ -675,7 +710,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"Total benchmark time: {elapsed:.0f} s.")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(results, settings, args.out / "scaling.png")
+        # The measurements first: a failing plot must not lose them.
         (args.out / "scaling.md").write_text(report + "\n")
         payload = {
             "machine": _timing.machine_info(),
@@ -683,6 +718,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             "results": [asdict(r) for r in results],
         }
         (args.out / "scaling.json").write_text(json.dumps(payload, indent=1))
+        plot(results, settings, args.out / "scaling.png")
         print(f"Wrote scaling.png, scaling.md and scaling.json to {args.out}.")
     return results
 

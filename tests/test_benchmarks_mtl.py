@@ -165,6 +165,44 @@ def test_rlw_states_are_reseeded_per_run():
     assert not np.allclose(w0, w1)
 
 
+def test_gradnorm_row_balances_the_trunks_last_dense_layer_only():
+    params = {
+        "trunk": {f"Dense_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for i in (0, 1)},
+        "heads": {"kernel": jnp.ones((3, 2, 1))},
+    }
+    flags = mtl._last_dense_layer(params)
+    assert flags == {
+        "trunk": {
+            "Dense_0": {"kernel": False, "bias": False},
+            "Dense_1": {"kernel": True, "bias": True},
+        },
+        "heads": {"kernel": False},
+    }
+
+
+def test_rows_that_follow_the_schedule_are_built_from_the_run():
+    registry = mtl.method_registry()
+    context = mtl.RunContext(steps_per_epoch=7, learning_rate=1e-2)
+    stch = registry["STCH"]
+    assert stch.takes_context
+    weighting = stch.build(3, jax.random.key(0), context)
+    state = weighting.init()
+    losses = jnp.array([1.0, 2.0, 4.0])
+    # The reference's 4 warm-up epochs (28 steps) are scale-invariant weights.
+    for _ in range(28):
+        state = weighting.update(losses, losses, state)
+    np.testing.assert_allclose(
+        jax.grad(weighting.weigh)(losses, state), 1 / (3 * losses), rtol=1e-5
+    )
+    # Every row builds with or without a context, as _make_run calls it.
+    for name, method in registry.items():
+        if method.build is None:
+            continue
+        args = (3, jax.random.key(0)) + ((context,) if method.takes_context else ())
+        assert method.build(*args) is not None, name
+    assert mtl._go4align_groups(2) == 2 and mtl._go4align_groups(12) == 3
+
+
 # Together the two runs take every code path of the harness: STL, a loss
 # weighting updated with the step's losses, FAMO same-batch and lagged, and a
 # gradient aggregator (with and without a PRNG key), on the three task kinds.

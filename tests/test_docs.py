@@ -93,6 +93,9 @@ def check_data_parallel(ns, output):
     # The sharded step equals the single-device step on the global batch.
     assert max(jax.tree.leaves(ns["difference"])) < 1e-5
     assert int(ns["sharded"][2].num_updates) == 10
+    # More than one host: feeding each process's rows gives the same run.
+    assert max(jax.tree.leaves(ns["job_difference"])) == 0.0
+    assert int(ns["job"][2].num_updates) == 10
 
 
 def check_reproducing(ns, output):

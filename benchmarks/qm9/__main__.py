@@ -94,6 +94,12 @@ def famo_variants(gamma: float, famo_lr: float) -> dict[str, Method]:
     }
 
 
+def _trunk_last_dense(tree):
+    """True for the leaves of the MPNN trunk's last Dense layer (named ``dense``)."""
+    keys = lambda path: [getattr(entry, "key", None) for entry in path]
+    return jax.tree_util.tree_map_with_path(lambda p, _: "dense" in keys(p), tree)
+
+
 def rows_to_run(
     names: Sequence[str] | None, gamma: float, famo_lr: float, ablation: Sequence[float]
 ) -> dict[str, Method]:
@@ -106,6 +112,18 @@ def rows_to_run(
     if "STL" not in names:
         names.insert(0, "STL")  # the baseline of Δm% and of the model selection
     rows = {n: registry[n] for n in names}
+    if "GradNorm" in rows:
+        # GradNorm's last shared layer: the registry's rule finds an MLP's last
+        # Dense_i; the MPNN trunk's last layer is the Dense named "dense".
+        rows["GradNorm"] = dataclasses.replace(
+            rows["GradNorm"],
+            build=lambda k, key, ctx: famo_jax.gradnorm(
+                k,
+                learning_rate=ctx.learning_rate,
+                last_shared_layer=_trunk_last_dense,
+                warmup_steps=ctx.steps_per_epoch,
+            ),
+        )
     if "FAMO" in rows or "FAMO-lagged" in rows:
         for g in ablation:
             if g != gamma:

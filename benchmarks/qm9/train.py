@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 import famo_jax
-from benchmarks._mtl_bench import Method
+from benchmarks._mtl_bench import Method, RunContext
 from benchmarks.qm9.data import NUM_TARGETS, QM9Molecules
 from benchmarks.qm9.model import MPNN, MoleculeArrays, make_graph_batch
 
@@ -265,12 +265,16 @@ class Trainer:
 
     # -- pure functions of one model ------------------------------------------
 
-    def optimizer(self, lr: jax.Array) -> optax.GradientTransformation:
-        """Adam with the run's learning rate ``lr`` (a traced scalar) and the schedule."""
+    def learning_rate_schedule(self, lr: jax.Array) -> optax.ScalarOrSchedule:
+        """The run's learning rate ``lr`` (a traced scalar) under the configured schedule."""
         if self.cfg.schedule == "cosine":
             decay = optax.cosine_decay_schedule(1.0, self.cfg.epochs * self.steps_per_epoch)
-            return optax.adam(lambda count: lr * decay(count))
-        return optax.adam(lr)
+            return lambda count: lr * decay(count)
+        return lr
+
+    def optimizer(self, lr: jax.Array) -> optax.GradientTransformation:
+        """Adam with the run's learning rate ``lr`` (a traced scalar) and the schedule."""
+        return optax.adam(self.learning_rate_schedule(lr))
 
     def predict(self, params, molecules: MoleculeArrays, indices: jax.Array):
         """``(k, B)`` standardised predictions and ``(B, k)`` standardised targets."""
@@ -296,22 +300,28 @@ class Trainer:
         sq, ab = jax.lax.map(one, (jnp.asarray(batches), jnp.asarray(weights)))
         return sq.sum(0) / num, ab.sum(0) / num * self._std
 
-    def _build(self, method: Method, key: jax.Array, stl_weights: jax.Array | None):
+    def _build(self, method: Method, key: jax.Array, stl_weights: jax.Array | None, lr=None):
         """``(aggregator transform, None)`` or ``(None, loss weighting)``."""
         k = NUM_TARGETS
+        if getattr(method, "takes_context", False):
+            # The run's schedule, for rows whose settings follow it (IMTL-L, STCH, GradNorm).
+            context = RunContext(self.steps_per_epoch, self.learning_rate_schedule(lr))
+            build = lambda: method.build(k, key, context)
+        else:
+            build = lambda: method.build(k, key)
         if method.family == "aggregator":
             transform = optax.chain(
-                famo_jax.shared_trunk(method.build(k, key), {"trunk": True, "heads": False}),
+                famo_jax.shared_trunk(build(), {"trunk": True, "heads": False}),
                 optax.scale(float(k)),
             )
             return transform, None
         if method.family == "stl":
             return None, _fixed_weighting(stl_weights)
-        return None, method.build(k, key)
+        return None, build()
 
     def _init_state(self, method, params, run_key, lr, stl_weights):
         k_method = jax.random.split(run_key, 3)[2]
-        transform, weighting = self._build(method, k_method, stl_weights)
+        transform, weighting = self._build(method, k_method, stl_weights, lr)
         state = transform.init(params) if transform is not None else weighting.init()
         if method.reseed is not None:
             state = method.reseed(state, k_method)
@@ -336,7 +346,7 @@ class Trainer:
         train, val = data
         # The method is rebuilt from the run's key exactly as in _init_state (its
         # randomness lives in its state); epoch_key orders the batches.
-        transform, weighting = self._build(method, jax.random.split(run_key, 3)[2], stl_weights)
+        transform, weighting = self._build(method, jax.random.split(run_key, 3)[2], stl_weights, lr)
         optimizer = self.optimizer(lr)
         task_losses = self.task_losses
 
@@ -363,7 +373,7 @@ class Trainer:
         def aggregator_step(c, batch):
             params, opt_state, state, prev_losses, has_prev = c
             losses, task_grads = famo_jax.task_gradients(task_losses)(params, train, batch)
-            grads, state = transform.update(task_grads, state, params)
+            grads, state = transform.update(task_grads, state, params, losses=losses)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             return (new_params, opt_state, state, losses, jnp.array(True)), losses

@@ -361,7 +361,7 @@ def gradvac(
     References:
       Wang, Tsvetkov, Firat and Cao, *Gradient Vaccine: Investigating and
       Improving Multi-task Optimization in Massively Multilingual Models*,
-      ICLR 2021. https://openreview.net/forum?id=F1vEjWK-lH_ (implementations:
+      ICLR 2021. https://openreview.net/forum?id=F1vEjWK-lH\_ (implementations:
       https://github.com/median-research-group/LibMTL/blob/main/LibMTL/weighting/GradVac.py,
       https://github.com/TorchJD/torchjd)
     """

@@ -51,7 +51,9 @@ def zeros_like_stacked(params: Any, num_tasks: int) -> Any:
 
 def check_like_state(updates: Any, stacked_state: Any, method: str) -> None:
     """Raises unless ``updates`` has the structure and shapes of the state's statistics."""
-    if jax.tree.structure(updates) != jax.tree.structure(stacked_state) or any(
+    # Any: jax's stubs type PyTreeDef comparisons loosely.
+    structure: Any = jax.tree.structure(updates)
+    if structure != jax.tree.structure(stacked_state) or any(
         jnp.shape(u) != jnp.shape(s)
         for u, s in zip(jax.tree.leaves(updates), jax.tree.leaves(stacked_state), strict=True)
     ):
