@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> mtl.Summary:
         num_seeds=args.seeds or (2 if args.quick else 3),
         zero_init_heads=True,
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
+        task_gradients=args.gradients,
     )
     command = " ".join(["python -m benchmarks.loss_scales", *argv])
     clock = mtl.RunClock()

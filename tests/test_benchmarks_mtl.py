@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import famo_jax
 from benchmarks import _mtl_bench as mtl
 from benchmarks import loss_scales, multidigits
 
@@ -148,6 +149,63 @@ def test_stl_trains_each_task_alone_and_rows_line_up():
     # Every task's model has learned its target: its MAE is below that of the
     # untrained zero-initialised heads (predicting 0), so row i is model i.
     assert np.all(metrics < np.abs(bench.y_test).mean(axis=0))
+
+
+def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
+    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    method = mtl.method_registry()["MGDA"]
+    results = {}
+    for gradients in mtl.TASK_GRADIENTS:
+        cfg = mtl.TrainConfig(
+            hidden=(8,),
+            epochs=2,
+            batch_size=64,
+            learning_rate=1e-2,
+            num_seeds=2,
+            zero_init_heads=True,
+            compile_options=mtl.QUICK_COMPILE_OPTIONS,
+            task_gradients=gradients,
+        )
+        results[gradients] = mtl.train_method(bench, method, cfg)
+    engine, jacrev = results["engine"], results["jacrev"]
+    # The same updates up to rounding, over 4 Adam steps of 2 seeds.
+    np.testing.assert_allclose(engine.train_losses, jacrev.train_losses, rtol=1e-4)
+    np.testing.assert_allclose(engine.val_losses, jacrev.val_losses, rtol=1e-4)
+
+
+def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
+    k = 3
+    model = mtl.SharedTrunkNet((8,), k, 1)
+    x, y = jnp.ones((4, 5)), jnp.ones((4, k))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    context = mtl.RunContext(steps_per_epoch=2, learning_rate=1e-2)
+
+    def losses(p, x, y):
+        return mtl.task_losses_and_metrics("regression", model.apply({"params": p}, x), y)[0]
+
+    def update(method, params):
+        args = (k, jax.random.key(0)) + ((context,) if method.takes_context else ())
+        tx = method.build(*args)
+        value, implicit = famo_jax.gramian_task_gradients(losses, is_shared=mtl.SHARED)(
+            params, x, y
+        )
+        return tx.update(implicit, tx.init(params), params, losses=value)
+
+    for method in mtl.method_registry().values():
+        if method.family != "aggregator":
+            continue
+        if method.gram_based:
+            jax.eval_shape(lambda p, method=method: update(method, p), params)
+        else:
+            with pytest.raises(TypeError, match="ImplicitTaskGradients"):
+                jax.eval_shape(lambda p, method=method: update(method, p), params)
+
+
+def test_unknown_task_gradients_option_raises():
+    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    cfg = mtl.TrainConfig(task_gradients="hessian")
+    with pytest.raises(ValueError, match="task_gradients"):
+        mtl.train_method(bench, mtl.method_registry()["MGDA"], cfg)
 
 
 def test_rlw_states_are_reseeded_per_run():
