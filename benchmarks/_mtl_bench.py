@@ -1,4 +1,4 @@
-"""Shared machinery of the multitask benchmarks (MultiDigits, QM9-like).
+"""Shared machinery of the multitask benchmarks (MultiDigits, synthetic loss scales).
 
 A benchmark is a :class:`Benchmark`: fixed train/validation/test arrays and a
 task kind (10-way classification, binary classification or regression). Every
