@@ -1,4 +1,4 @@
-"""Shared machinery of the multitask benchmarks (MultiDigits, QM9-like).
+"""Shared machinery of the multitask benchmarks (MultiDigits, synthetic loss scales).
 
 A benchmark is a :class:`Benchmark`: fixed train/validation/test arrays and a
 task kind (10-way classification, binary classification or regression). Every
@@ -18,10 +18,16 @@ Methods (:func:`method_registry`):
   after the step: one extra forward pass); ``FAMO-lagged`` calls
   ``update(losses[t-1], losses[t])`` with the losses it computed anyway.
 - Gradient aggregators (``MGDA``, ``PCGrad``, ``CAGrad``, ``IMTL-G``,
-  ``Nash-MTL``, ``GradVac``, ``SDMGrad``, ``MoDo``, ``MoCo``,
-  ``ExcessMTL``, ``DB-MTL``, ``GradNorm``): per-task gradients of the shared
-  trunk (``jax.jacrev``) go through the aggregator, with the step's losses as
-  ``losses=``; each task head receives its own task's gradient.
+  ``Nash-MTL``): the aggregator combines the per-task gradients of the shared
+  trunk; each task head receives its own task's gradient. The trunk's task
+  gradients come from the Gramian engine (``famo_jax.gramian_task_gradients``:
+  the Gram matrix from the layers' inputs and per-task output cotangents, no
+  stacked gradients; ``TrainConfig.task_gradients="engine"``, the default) or
+  from ``famo_jax.task_gradients`` (``jax.jacrev``, ``"jacrev"``); both give
+  the same update up to rounding. The rows that need the stacked gradients
+  (``Method.gram_based=False``: DB-MTL, ExcessMTL, GradNorm, MoCo) always use
+  ``jax.jacrev``.
+            )
 
 After every epoch the model is evaluated on the validation and test sets. The
 reported test metrics are those of the epoch with the lowest mean validation
@@ -107,6 +113,9 @@ class TrainConfig:
     num_seeds: int = 3
     seed: int = 0
     zero_init_heads: bool = False
+    # How the aggregator rows get the trunk's task gradients: "engine"
+    # (famo_jax.gramian_task_gradients) or "jacrev" (famo_jax.task_gradients).
+    task_gradients: str = "engine"
     # XLA options for compiling the training program (QUICK_COMPILE_OPTIONS
     # for --quick runs).
     compile_options: dict[str, Any] | None = None
@@ -169,6 +178,10 @@ class SharedTrunkNet(nn.Module):
         return self.heads(self.trunk(x))
 
 
+# The shared part of SharedTrunkNet's parameters (an is_shared prefix tree).
+SHARED = {"trunk": True, "heads": False}
+
+
 def task_losses_and_metrics(kind: str, outputs: jax.Array, labels: jax.Array):
     """Per-task mean losses and metrics, both of shape ``(k,)``.
 
@@ -223,11 +236,18 @@ class Method:
       reseed: ``(state, key) -> state`` that makes a method's random state
         depend on the seed, for methods with a PRNG key in their state (so the
         vmapped seeds are independent runs); None for the others.
+      min_tasks: the fewest tasks the method accepts (Krum with one Byzantine
+        task needs 4, TrimmedMean 3): on a benchmark with fewer, its row is left
+        out (and the run says so).
       takes_context: whether ``build`` takes a third argument, the run's
         :class:`RunContext` (for methods whose settings follow the training
         schedule: epochs counted in steps, the model's learning rate).
       note: how the row's settings depart from the method's defaults or from
         its authors' protocol; printed under the tables.
+      gram_based: aggregators only: it takes the Gramian engine's implicit task
+        gradients (``famo_jax.aggregation.ImplicitTaskGradients``); False for
+        those that need the stacked gradients (their rows use ``jax.jacrev``
+        whatever ``TrainConfig.task_gradients`` says).
     """
 
     name: str
@@ -235,8 +255,10 @@ class Method:
     build: Callable[..., Any] | None = None
     update: str = "step"
     reseed: Callable[[Any, jax.Array], Any] | None = None
+    min_tasks: int = 1
     takes_context: bool = False
     note: str = ""
+    gram_based: bool = True
 
 
 class RunContext(NamedTuple):
@@ -332,8 +354,10 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         Method("IMTL-G", "aggregator", lambda k, key: fj.imtl_g()),
         Method("Nash-MTL", "aggregator", lambda k, key: fj.nash_mtl(k)),
         # Aggregators of LibMTL and TorchJD (issue 14).
-        Method("DB-MTL", "aggregator", lambda k, key: fj.db_mtl(k)),
-        Method("ExcessMTL", "aggregator", lambda k, key: fj.excess_mtl(k)),
+        # DB-MTL, ExcessMTL, MoCo (O(k m) states) and GradNorm on one layer need the
+        # stacked task gradients.
+        Method("DB-MTL", "aggregator", lambda k, key: fj.db_mtl(k), gram_based=False),
+        Method("ExcessMTL", "aggregator", lambda k, key: fj.excess_mtl(k), gram_based=False),
         Method(
             "GradNorm",
             "aggregator",
@@ -344,15 +368,35 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
                 warmup_steps=ctx.steps_per_epoch,
             ),
             takes_context=True,
+            gram_based=False,
             note="the paper's last shared layer (the trunk's last Dense), reference "
             "losses over the first epoch (LibMTL's), weights trained with Adam at the "
             "model's learning rate (LibMTL: the model's optimizer)",
         ),
         # As PCGrad's: the task orders are drawn from a key that differs between seeds.
         Method("GradVac", "aggregator", lambda k, key: fj.gradvac(k, key=key)),
-        Method("MoCo", "aggregator", lambda k, key: fj.moco(k)),
+        Method("MoCo", "aggregator", lambda k, key: fj.moco(k), gram_based=False),
         Method("MoDo", "aggregator", lambda k, key: fj.modo(k), note=single_batch),
         Method("SDMGrad", "aggregator", lambda k, key: fj.sdmgrad(k), note=single_batch),
+        # TorchJD's aggregators and FairGrad (issue 14, breadth_a), defaults as in TorchJD.
+        Method("UPGrad", "aggregator", lambda k, key: fj.upgrad()),
+        Method("DualProj", "aggregator", lambda k, key: fj.dualproj()),
+        Method("Aligned-MTL", "aggregator", lambda k, key: fj.aligned_mtl()),
+        Method("ConFIG", "aggregator", lambda k, key: fj.con_fig()),
+        Method("FairGrad", "aggregator", lambda k, key: fj.fairgrad(alpha=1.0)),
+        Method("Krum", "aggregator", lambda k, key: fj.krum(n_byzantine=1), min_tasks=4),
+        Method(
+            "TrimmedMean",
+            "aggregator",
+            lambda k, key: fj.trimmed_mean(1),
+            min_tasks=3,
+            gram_based=False,
+        ),
+        Method(
+            "CR-MOGM (UPGrad)",
+            "aggregator",
+            lambda k, key: fj.cr_mogm(k, fj.aggregation.upgrad_weights),
+        ),
         Method("FAMO", "weighting", famo_build, "same_batch"),
         Method("FAMO-lagged", "weighting", famo_build, "lagged"),
         # robust_famo with its defaults (nothing to tune: see docs/which_famo.md).
@@ -448,9 +492,21 @@ def weighting_step(weighting, update: str, task_losses, model_opt, x_train, y_tr
     return step
 
 
-def aggregator_step(transform, task_losses, model_opt, x_train, y_train):
-    """``step(carry, batch)`` of an aggregator over the trunk's per-task gradients."""
-    value_and_task_grads = famo_jax.task_gradients(task_losses)
+TASK_GRADIENTS = ("engine", "jacrev")
+
+
+def aggregator_step(transform, task_losses, model_opt, x_train, y_train, task_gradients):
+    """``step(carry, batch)`` of an aggregator over the trunk's per-task gradients.
+
+    ``task_gradients="engine"``: ``transform`` takes the Gramian engine's
+    implicit task gradients, whose non-shared leaves (the heads) already hold
+    the mean gradient; ``"jacrev"``: the stacked ``jax.jacrev`` gradients of
+    every leaf (``transform`` wraps the aggregator in ``shared_trunk``).
+    """
+    if task_gradients == "engine":
+        value_and_task_grads = famo_jax.gramian_task_gradients(task_losses, is_shared=SHARED)
+    else:
+        value_and_task_grads = famo_jax.task_gradients(task_losses)
 
     def step(carry, batch):
         params, opt_state, state, prev_losses, has_prev = carry
@@ -466,6 +522,10 @@ def aggregator_step(transform, task_losses, model_opt, x_train, y_train):
 
 def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     """Returns ``run(key, stl_weights) -> outputs`` for one seed (and one STL task)."""
+    if cfg.task_gradients not in TASK_GRADIENTS:
+        raise ValueError(
+            f"task_gradients must be one of {TASK_GRADIENTS}, got {cfg.task_gradients!r}."
+        )
     k = bench.num_tasks
     model = SharedTrunkNet(cfg.hidden, k, bench.num_classes, cfg.zero_init_heads)
     x_train, y_train = jnp.asarray(bench.x_train), jnp.asarray(bench.y_train)
@@ -492,12 +552,17 @@ def _make_run(bench: Benchmark, method: Method, cfg: TrainConfig):
     def method_step_and_state(params, k_method, stl_weights):
         if method.family == "aggregator":
             # Trunk: the aggregate of the k task gradients, times k (the authors'
-            # sum convention); heads: each its own task's gradient.
-            transform = optax.chain(
-                famo_jax.shared_trunk(build(k_method), {"trunk": True, "heads": False}),
-                optax.scale(float(k)),
+            # sum convention); heads: the mean of the task gradients times k, which
+            # is each head's own task's gradient. The engine applies the trunk mask
+            # itself; the stacked gradients go through shared_trunk.
+            gradients = (
+                "engine" if cfg.task_gradients == "engine" and method.gram_based else "jacrev"
             )
-            step = aggregator_step(transform, task_losses, model_opt, x_train, y_train)
+            aggregator = build(k_method)
+            if gradients == "jacrev":
+                aggregator = famo_jax.shared_trunk(aggregator, SHARED)
+            transform = optax.chain(aggregator, optax.scale(float(k)))
+            step = aggregator_step(transform, task_losses, model_opt, x_train, y_train, gradients)
             return step, transform.init(params)
         if method.family == "stl":
             weighting = _fixed_weighting(stl_weights)
@@ -776,7 +841,13 @@ def settings_text(summary: Summary, command: str) -> str:
         "stated; FAMO = same-batch update (the authors'), FAMO-lagged = "
         "`update(losses[t-1], losses[t])`.",
         "Aggregators act on the shared trunk (sum convention: k × the aggregate); "
-        "each head gets its own task's gradient.",
+        "each head gets its own task's gradient; the trunk's task gradients from "
+        + (
+            "the Gramian engine (`gramian_task_gradients`) for the Gram-based rows, "
+            "`jax.jacrev` for DB-MTL, ExcessMTL, GradNorm and MoCo."
+            if cfg.task_gradients == "engine"
+            else "`jax.jacrev` (`task_gradients`)."
+        ),
         "Δm% against STL (lower is better); MR = mean rank among the rows other "
         "than STL (ties share the average rank).",
         *_method_notes(summary),
@@ -814,6 +885,9 @@ def run_benchmark(
                 methods.update(famo_gamma_variants(g, famo_lr))
     results = {}
     for name, method in methods.items():
+        if len(bench.task_names) < method.min_tasks:
+            log(f"  {bench.name:<16} {name:<24} left out: needs {method.min_tasks} tasks")
+            continue
         result = train_method(bench, method, cfg)
         results[name] = result
         log(
@@ -890,6 +964,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, docs_path: str) -> Non
         nargs="*",
         default=None,
         help="extra FAMO rows with these γ (default: 0; none with --quick)",
+    )
+    parser.add_argument(
+        "--gradients",
+        choices=TASK_GRADIENTS,
+        default="engine",
+        help="how the aggregator rows get the trunk's task gradients: the Gramian engine "
+        "(gramian_task_gradients, default) or jax.jacrev (task_gradients)",
     )
     parser.add_argument(
         "--out",

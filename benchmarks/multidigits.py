@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, mtl.Summary]:
         batch_size=64 if args.quick else 128,
         num_seeds=args.seeds or (2 if args.quick else 3),
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
+        task_gradients=args.gradients,
     )
     variants = VARIANTS if args.variant == "both" else (args.variant,)
     command = " ".join(["python -m benchmarks.multidigits", *argv])

@@ -19,8 +19,11 @@ step (median over repeats after warm-up, ``block_until_ready`` after each call):
 - ``CAGrad``, ``MGDA``, ``PCGrad``, ``IMTL-G``, ``Nash-MTL``, ``DB-MTL``,
   ``ExcessMTL``, ``GradNorm`` (on the trunk's last layer), ``GradVac``,
   ``MoCo``, ``MoDo`` and ``SDMGrad`` (both with the weights from the step's own
-  Gram matrix, their single-batch mode): gradient aggregators (their default
-  hyperparameters; the step's losses as ``losses=``): the per-task gradients of the
+  Gram matrix, their single-batch mode), ``UPGrad``, ``DualProj``,
+  ``Aligned-MTL``, ``ConFIG``, ``FairGrad``, ``Krum`` (``n_byzantine=0``, from
+  k = 3), ``TrimmedMean`` (``trim_number=1``, from k = 3), ``CR-MOGM (UPGrad)``:
+  gradient aggregators (their default hyperparameters; the step's losses as
+  ``losses=``): the per-task gradients of the
   shared trunk (``famo_jax.task_gradients``, i.e. ``jax.jacrev`` of the loss
   vector: one forward pass and k vectorised backward passes, stacked on a
   leading task axis) are combined by the aggregator; the heads get the gradient
@@ -103,7 +106,18 @@ AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "MoCo": of_num_tasks(famo_jax.moco),
     "MoDo": of_num_tasks(famo_jax.modo),
     "SDMGrad": of_num_tasks(famo_jax.sdmgrad),
+    # TorchJD's aggregators and FairGrad (issue 14, breadth_a), defaults as in TorchJD.
+    "UPGrad": famo_jax.upgrad,
+    "DualProj": famo_jax.dualproj,
+    "Aligned-MTL": famo_jax.aligned_mtl,
+    "ConFIG": famo_jax.con_fig,
+    "FairGrad": famo_jax.fairgrad,
+    "Krum": lambda: famo_jax.krum(n_byzantine=0),
+    "TrimmedMean": lambda: famo_jax.trimmed_mean(1),
+    "CR-MOGM (UPGrad)": of_num_tasks(lambda k: famo_jax.cr_mogm(k, aggregation.upgrad_weights)),
 }
+# The fewest tasks a method accepts: below, it is skipped at that k only.
+MIN_TASKS = {"Krum": 3, "TrimmedMean": 3}
 METHODS = LOSS_WEIGHTINGS + tuple(AGGREGATORS)
 
 
@@ -389,6 +403,8 @@ def _skip_reason(
     """Why an aggregator is not measured at this k (predicted over a budget), or None."""
     if method not in AGGREGATORS:
         return None
+    if num_tasks < MIN_TASKS.get(method, 1):
+        return f"needs k >= {MIN_TASKS[method]}"
     grads_bytes = 4 * num_tasks * settings.model.trunk_params
     if grads_bytes > settings.memory_budget_bytes:
         return f"per-task gradients {_timing.format_bytes(grads_bytes)} > memory budget"
@@ -469,7 +485,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> list[Result]:
                 entry = _compile(result, factories[method], params, x, y, settings)
                 if entry is not None:
                     compiled[method] = entry
-            if result.skipped is not None and method in AGGREGATORS:
+            too_few_tasks = num_tasks < MIN_TASKS.get(method, 1)
+            if result.skipped is not None and method in AGGREGATORS and not too_few_tasks:
                 skip_from[method] = result.skipped
         for method, values in _time_row(compiled, x, y, settings, num_tasks).items():
             row[method].times = values

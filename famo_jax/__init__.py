@@ -19,6 +19,7 @@ from famo_jax import aggregation as aggregation
 from famo_jax import metrics as metrics
 from famo_jax import problems as problems
 from famo_jax import weighting as weighting
+from famo_jax.aggregation import CRMOGMState as CRMOGMState
 from famo_jax.aggregation import DBMTLState as DBMTLState
 from famo_jax.aggregation import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation import GradDropState as GradDropState
@@ -29,13 +30,21 @@ from famo_jax.aggregation import MoDoState as MoDoState
 from famo_jax.aggregation import NashMTLState as NashMTLState
 from famo_jax.aggregation import PCGradState as PCGradState
 from famo_jax.aggregation import SDMGradState as SDMGradState
+from famo_jax.aggregation import aligned_mtl as aligned_mtl
 from famo_jax.aggregation import cagrad as cagrad
+from famo_jax.aggregation import con_fig as con_fig
+from famo_jax.aggregation import cr_mogm as cr_mogm
 from famo_jax.aggregation import db_mtl as db_mtl
+from famo_jax.aggregation import dualproj as dualproj
 from famo_jax.aggregation import excess_mtl as excess_mtl
+from famo_jax.aggregation import fairgrad as fairgrad
 from famo_jax.aggregation import graddrop as graddrop
 from famo_jax.aggregation import gradnorm as gradnorm
 from famo_jax.aggregation import gradvac as gradvac
+from famo_jax.aggregation import gramian_plan as gramian_plan
+from famo_jax.aggregation import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation import imtl_g as imtl_g
+from famo_jax.aggregation import krum as krum
 from famo_jax.aggregation import mgda as mgda
 from famo_jax.aggregation import moco as moco
 from famo_jax.aggregation import modo as modo
@@ -44,6 +53,8 @@ from famo_jax.aggregation import pcgrad as pcgrad
 from famo_jax.aggregation import sdmgrad as sdmgrad
 from famo_jax.aggregation import shared_trunk as shared_trunk
 from famo_jax.aggregation import task_gradients as task_gradients
+from famo_jax.aggregation import trimmed_mean as trimmed_mean
+from famo_jax.aggregation import upgrad as upgrad
 from famo_jax.weighting import DWAState as DWAState
 from famo_jax.weighting import FAMOState as FAMOState
 from famo_jax.weighting import GO4AlignState as GO4AlignState
@@ -81,6 +92,7 @@ UncertaintyState = UncertaintyWeightingState
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "CRMOGMState",
     "DBMTLState",
     "DWAState",
     "DwaState",
@@ -106,20 +118,28 @@ __all__ = [
     "UncertaintyWeightingState",
     "WeightingTransformState",
     "aggregation",
+    "aligned_mtl",
     "as_optax",
     "cagrad",
     "check_famo_losses",
+    "con_fig",
+    "cr_mogm",
     "db_mtl",
+    "dualproj",
     "dwa",
     "excess_mtl",
+    "fairgrad",
     "famo",
     "gls",
     "go4align",
     "graddrop",
     "gradnorm",
     "gradvac",
+    "gramian_plan",
+    "gramian_task_gradients",
     "imtl_g",
     "imtl_l",
+    "krum",
     "linear_scalarization",
     "linearize_weigh",
     "loss_weights",
@@ -138,7 +158,9 @@ __all__ = [
     "shared_trunk",
     "stch",
     "task_gradients",
+    "trimmed_mean",
     "uncertainty_weighting",
+    "upgrad",
     "weighting",
     "weighting_state",
 ]

@@ -54,7 +54,8 @@ class Case:
       single_task_is_its_gradient: aggregators only: for ``k = 1`` the output is
         the task gradient (times ``equal_gradients_factor`` when set). False for
         methods whose output is on another scale by design (MoCo tracks
-        loss-scaled unit gradients, DB-MTL averages log-loss gradients): their
+        loss-scaled unit gradients, DB-MTL averages log-loss gradients, FairGrad
+        gives ``|g|^(-2 alpha / (1 + alpha)) g``): their
         single-task output is then checked to be a positive multiple of the
         gradient.
       build_for_laws: a variant used by the property tests (of weightings and of
@@ -66,6 +67,9 @@ class Case:
         design (PBI's penalty pulls the losses onto a preference ray); their
         training check then asks that the method's own objective decreases,
         instead of every task's loss.
+      min_tasks: aggregators only: the fewest tasks the method accepts (Krum
+        needs ``n_byzantine + 3``, TrimmedMean ``2 trim_number + 1``); with
+        fewer, ``update`` raises a ValueError at trace time.
     """
 
     name: str
@@ -81,6 +85,7 @@ class Case:
     single_task_is_its_gradient: bool = True
     build_for_laws: Callable[[int], Any] | None = None
     non_negative_weights: bool = True
+    min_tasks: int = 1
 
     def __str__(self) -> str:
         return self.name
@@ -285,6 +290,60 @@ AGGREGATORS: tuple[Case, ...] = (
         ),
         gram_based=False,
         needs_losses=True,
+    ),
+    # --- breadth_a: TorchJD's dual-cone, robust and FairGrad aggregators ---
+    Case("upgrad", AGGREGATOR, lambda k: famo_jax.upgrad()),
+    # The exact projection: no trace threshold, no ridge.
+    Case("upgrad_exact", AGGREGATOR, lambda k: famo_jax.upgrad(norm_eps=0.0, reg_eps=0.0)),
+    Case("dualproj", AGGREGATOR, lambda k: famo_jax.dualproj()),
+    Case("aligned_mtl", AGGREGATOR, lambda k: famo_jax.aligned_mtl()),
+    Case("aligned_mtl_median", AGGREGATOR, lambda k: famo_jax.aligned_mtl(scale_mode="median")),
+    Case("con_fig", AGGREGATOR, lambda k: famo_jax.con_fig()),
+    # With k - n_byzantine - 2 = 1 neighbour, mutual nearest neighbours tie and the
+    # tie goes to the lower task index.
+    Case(
+        "krum",
+        AGGREGATOR,
+        lambda k: famo_jax.krum(n_byzantine=0),
+        min_tasks=3,
+        task_order_invariant=False,
+    ),
+    # Multi-Krum selects both members of the closest pair: no tie to break.
+    Case(
+        "multi_krum", AGGREGATOR, lambda k: famo_jax.krum(n_byzantine=0, n_selected=2), min_tasks=3
+    ),
+    # Not Gram-based: it sorts every entry.
+    Case(
+        "trimmed_mean",
+        AGGREGATOR,
+        lambda k: famo_jax.trimmed_mean(1),
+        gram_based=False,
+        min_tasks=3,
+    ),
+    # FairGrad's output is not homogeneous in the gradients: no equal-gradients law.
+    Case(
+        "fairgrad",
+        AGGREGATOR,
+        lambda k: famo_jax.fairgrad(alpha=1.0),
+        equal_gradients_factor=None,
+        single_task_is_its_gradient=False,
+    ),
+    Case(
+        "fairgrad_alpha2",
+        AGGREGATOR,
+        lambda k: famo_jax.fairgrad(alpha=2.0),
+        equal_gradients_factor=None,
+        single_task_is_its_gradient=False,
+    ),
+    Case(
+        "cr_mogm_upgrad",
+        AGGREGATOR,
+        lambda k: famo_jax.cr_mogm(k, famo_jax.aggregation.upgrad_weights),
+    ),
+    Case(
+        "cr_mogm_mgda_alpha0.5",
+        AGGREGATOR,
+        lambda k: famo_jax.cr_mogm(k, famo_jax.aggregation.mgda_weights, alpha=0.5),
     ),
 )
 

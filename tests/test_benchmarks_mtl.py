@@ -1,12 +1,13 @@
-"""MultiDigits and QM9-like benchmarks: data checks, harness checks, --quick end to end."""
+"""MultiDigits and synthetic loss-scales benchmarks: data and harness checks, --quick runs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import famo_jax
 from benchmarks import _mtl_bench as mtl
-from benchmarks import multidigits, qm9_like
+from benchmarks import loss_scales, multidigits
 
 SMALL = dict(num_train=300, num_val=60, num_test=80)
 
@@ -76,8 +77,8 @@ def test_multidigits_is_deterministic():
     assert not np.array_equal(a.x_test, c.x_test)
 
 
-def test_qm9_like_loss_scales_span_four_orders_of_magnitude():
-    bench = qm9_like.load_qm9_like(num_train=2000, num_val=200, num_test=200)
+def test_loss_scales_span_four_orders_of_magnitude():
+    bench = loss_scales.load_loss_scales(num_train=2000, num_val=200, num_test=200)
     assert bench.num_tasks == 11 and bench.kind == "regression"
     assert bench.x_train.shape == (2000, 16) and bench.y_train.shape == (2000, 11)
     assert np.all(np.isfinite(bench.y_train))
@@ -87,10 +88,10 @@ def test_qm9_like_loss_scales_span_four_orders_of_magnitude():
     variances = bench.y_train.astype(np.float64).var(axis=0)
     assert initial_losses.max() / initial_losses.min() > 1e4
     assert variances.max() / variances.min() > 1e4
-    np.testing.assert_allclose(np.sqrt(variances), qm9_like.TARGET_STD, rtol=0.1)
+    np.testing.assert_allclose(np.sqrt(variances), loss_scales.TARGET_STD, rtol=0.1)
     # The energy-like targets are nearly the same function, the others are not.
     corr = np.corrcoef(bench.y_train.T)
-    energies = list(qm9_like.ENERGY_TASKS)
+    energies = list(loss_scales.ENERGY_TASKS)
     assert corr[np.ix_(energies, energies)].min() > 0.85
     assert np.abs(corr[0, 1:6]).max() < 0.8
 
@@ -130,7 +131,7 @@ def test_each_head_only_affects_its_own_task():
 
 
 def test_stl_trains_each_task_alone_and_rows_line_up():
-    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    bench = loss_scales.load_loss_scales(num_train=128, num_val=32, num_test=32)
     cfg = mtl.TrainConfig(
         hidden=(8,),
         epochs=10,
@@ -148,6 +149,64 @@ def test_stl_trains_each_task_alone_and_rows_line_up():
     # Every task's model has learned its target: its MAE is below that of the
     # untrained zero-initialised heads (predicting 0), so row i is model i.
     assert np.all(metrics < np.abs(bench.y_test).mean(axis=0))
+
+
+def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
+    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    method = mtl.method_registry()["MGDA"]
+    results = {}
+    for gradients in mtl.TASK_GRADIENTS:
+        cfg = mtl.TrainConfig(
+            hidden=(8,),
+            epochs=2,
+            batch_size=64,
+            learning_rate=1e-2,
+            num_seeds=2,
+            zero_init_heads=True,
+            compile_options=mtl.QUICK_COMPILE_OPTIONS,
+            task_gradients=gradients,
+        )
+        results[gradients] = mtl.train_method(bench, method, cfg)
+    engine, jacrev = results["engine"], results["jacrev"]
+    # The same updates up to rounding, over 4 Adam steps of 2 seeds.
+    np.testing.assert_allclose(engine.train_losses, jacrev.train_losses, rtol=1e-4)
+    np.testing.assert_allclose(engine.val_losses, jacrev.val_losses, rtol=1e-4)
+
+
+def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
+    # Every row's min_tasks (Krum's n_byzantine + 3 is the most).
+    k = max(method.min_tasks for method in mtl.method_registry().values())
+    model = mtl.SharedTrunkNet((8,), k, 1)
+    x, y = jnp.ones((4, 5)), jnp.ones((4, k))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    context = mtl.RunContext(steps_per_epoch=2, learning_rate=1e-2)
+
+    def losses(p, x, y):
+        return mtl.task_losses_and_metrics("regression", model.apply({"params": p}, x), y)[0]
+
+    def update(method, params):
+        args = (k, jax.random.key(0)) + ((context,) if method.takes_context else ())
+        tx = method.build(*args)
+        value, implicit = famo_jax.gramian_task_gradients(losses, is_shared=mtl.SHARED)(
+            params, x, y
+        )
+        return tx.update(implicit, tx.init(params), params, losses=value)
+
+    for method in mtl.method_registry().values():
+        if method.family != "aggregator":
+            continue
+        if method.gram_based:
+            jax.eval_shape(lambda p, method=method: update(method, p), params)
+        else:
+            with pytest.raises(TypeError, match="ImplicitTaskGradients"):
+                jax.eval_shape(lambda p, method=method: update(method, p), params)
+
+
+def test_unknown_task_gradients_option_raises():
+    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    cfg = mtl.TrainConfig(task_gradients="hessian")
+    with pytest.raises(ValueError, match="task_gradients"):
+        mtl.train_method(bench, mtl.method_registry()["MGDA"], cfg)
 
 
 def test_rlw_states_are_reseeded_per_run():
@@ -209,13 +268,13 @@ def test_rows_that_follow_the_schedule_are_built_from_the_run():
 # The full method list runs with `--quick` alone (about three times longer).
 QUICK_METHODS = {
     "multidigits": ["STL", "FAMO", "CAGrad"],
-    "qm9_like": ["STL", "LS", "FAMO", "FAMO-lagged", "PCGrad"],
+    "loss_scales": ["STL", "LS", "FAMO", "FAMO-lagged", "PCGrad"],
 }
 
 
-@pytest.mark.parametrize("script", ["multidigits", "qm9_like"])
+@pytest.mark.parametrize("script", ["multidigits", "loss_scales"])
 def test_quick_run_end_to_end(script, capsys):
-    module = {"multidigits": multidigits, "qm9_like": qm9_like}[script]
+    module = {"multidigits": multidigits, "loss_scales": loss_scales}[script]
     methods = QUICK_METHODS[script]
     result = module.main(["--quick", "--methods", *methods])
     summaries = list(result.values()) if isinstance(result, dict) else [result]

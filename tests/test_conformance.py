@@ -536,7 +536,7 @@ def test_aggregator_non_finite_gradient_gives_a_non_finite_output_and_keeps_the_
     assert all_finite(updates) and any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
 
 
-@aggregators
+@pytest.mark.parametrize("case", [c for c in registry.AGGREGATORS if c.min_tasks == 1], ids=str)
 def test_aggregator_of_a_single_task_is_its_gradient(case):
     tx, update = aggregator_and_update(case.name, 1)
     grads = task_grads(5, 1)
@@ -590,6 +590,14 @@ def test_aggregator_malformed_task_gradients_raise(case, grads, error, pattern):
     tx = case.make(K)
     with pytest.raises(error, match=pattern):
         tx.update(grads, tx.init(PARAMS), PARAMS, **extra_args(case))
+
+
+@pytest.mark.parametrize("case", [c for c in registry.AGGREGATORS if c.min_tasks > 1], ids=str)
+def test_aggregator_with_too_few_tasks_raises(case):
+    k = case.min_tasks - 1
+    tx = case.make(k)
+    with pytest.raises(ValueError, match=rf"needs at least (.* = )?{case.min_tasks} tasks"):
+        tx.update(task_grads(0, k), tx.init(PARAMS), PARAMS, **extra_args(case, k))
 
 
 @pytest.mark.parametrize("case", [c for c in registry.AGGREGATORS if c.needs_losses], ids=str)

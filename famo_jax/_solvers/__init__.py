@@ -6,6 +6,9 @@ under ``jit`` and ``vmap``: no scipy, cvxpy or host callbacks at training time.
 
 from famo_jax._solvers._nash_newton import NEWTON_MAX_ITERS as NEWTON_MAX_ITERS
 from famo_jax._solvers._nash_newton import nash_bargaining_weights as nash_bargaining_weights
+from famo_jax._solvers._nonnegative_qp import dual_cone_weights as dual_cone_weights
+from famo_jax._solvers._nonnegative_qp import nonnegative_qp as nonnegative_qp
+from famo_jax._solvers._nonnegative_qp import spd_solve_in_xla_ops as spd_solve_in_xla_ops
 from famo_jax._solvers._simplex import IPM_MAX_ITERS as IPM_MAX_ITERS
 from famo_jax._solvers._simplex import check_gram as check_gram
 from famo_jax._solvers._simplex import min_norm_weights as min_norm_weights

@@ -9,6 +9,8 @@ functions (``mgda_weights``, ``cagrad_weights``, ...) are public, pure and
 jit-able.
 """
 
+from famo_jax.aggregation._aligned_mtl import aligned_mtl as aligned_mtl
+from famo_jax.aggregation._aligned_mtl import aligned_mtl_weights as aligned_mtl_weights
 from famo_jax.aggregation._base import GramWeighting as GramWeighting
 from famo_jax.aggregation._base import ImplicitTaskGradients as ImplicitTaskGradients
 from famo_jax.aggregation._base import combine as combine
@@ -18,10 +20,18 @@ from famo_jax.aggregation._base import num_tasks_of as num_tasks_of
 from famo_jax.aggregation._base import stateless as stateless
 from famo_jax.aggregation._cagrad import cagrad as cagrad
 from famo_jax.aggregation._cagrad import cagrad_weights as cagrad_weights
+from famo_jax.aggregation._con_fig import con_fig as con_fig
+from famo_jax.aggregation._con_fig import con_fig_weights as con_fig_weights
+from famo_jax.aggregation._cr_mogm import CRMOGMState as CRMOGMState
+from famo_jax.aggregation._cr_mogm import cr_mogm as cr_mogm
 from famo_jax.aggregation._db_mtl import DBMTLState as DBMTLState
 from famo_jax.aggregation._db_mtl import db_mtl as db_mtl
+from famo_jax.aggregation._dualproj import dualproj as dualproj
+from famo_jax.aggregation._dualproj import dualproj_weights as dualproj_weights
 from famo_jax.aggregation._excess_mtl import ExcessMTLState as ExcessMTLState
 from famo_jax.aggregation._excess_mtl import excess_mtl as excess_mtl
+from famo_jax.aggregation._fairgrad import fairgrad as fairgrad
+from famo_jax.aggregation._fairgrad import fairgrad_weights as fairgrad_weights
 from famo_jax.aggregation._graddrop import GradDropState as GradDropState
 from famo_jax.aggregation._graddrop import graddrop as graddrop
 from famo_jax.aggregation._gradnorm import GradNormState as GradNormState
@@ -31,8 +41,12 @@ from famo_jax.aggregation._gradvac import GradVacState as GradVacState
 from famo_jax.aggregation._gradvac import gradvac as gradvac
 from famo_jax.aggregation._gradvac import gradvac_orders as gradvac_orders
 from famo_jax.aggregation._gradvac import gradvac_weights as gradvac_weights
+from famo_jax.aggregation._gramian import gramian_plan as gramian_plan
+from famo_jax.aggregation._gramian import gramian_task_gradients as gramian_task_gradients
 from famo_jax.aggregation._imtl_g import imtl_g as imtl_g
 from famo_jax.aggregation._imtl_g import imtl_g_weights as imtl_g_weights
+from famo_jax.aggregation._krum import krum as krum
+from famo_jax.aggregation._krum import krum_weights as krum_weights
 from famo_jax.aggregation._mgda import mgda as mgda
 from famo_jax.aggregation._mgda import mgda_weights as mgda_weights
 from famo_jax.aggregation._moco import MoCoState as MoCoState
@@ -51,3 +65,6 @@ from famo_jax.aggregation._sdmgrad import sdmgrad as sdmgrad
 from famo_jax.aggregation._sdmgrad import sdmgrad_weights as sdmgrad_weights
 from famo_jax.aggregation._shared_trunk import shared_trunk as shared_trunk
 from famo_jax.aggregation._task_gradients import task_gradients as task_gradients
+from famo_jax.aggregation._trimmed_mean import trimmed_mean as trimmed_mean
+from famo_jax.aggregation._upgrad import upgrad as upgrad
+from famo_jax.aggregation._upgrad import upgrad_weights as upgrad_weights
