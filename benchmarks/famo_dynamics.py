@@ -24,7 +24,8 @@ gradients the model follows (``c_t`` for FAMO, 1 for the log objective), the
 norms of the model's gradient and of its Adam update, and the norm of the
 logits gradient ``z * (delta - <z, delta>)``.
 
-Rows: LS, SI, reference FAMO at gamma in {0, 1e-3, 1e-2}, ``famo_jax.robust_famo``,
+Rows: LS, SI, reference FAMO at gamma in {0, 1e-3, 1e-2}, the robust FAMO
+candidate (``benchmarks.robust_famo``),
 and ablations that switch off one mechanism at a time: the logits frozen at
 zero (FAMO's direction is then SI's, times ``c_t``), decoupled instead of coupled
 decay, ``c_t`` frozen at its initial value, no ``c_t`` at all (the model follows
@@ -57,6 +58,7 @@ import numpy as np
 import optax
 
 import famo_jax
+from benchmarks.robust_famo import robust_famo
 from famo_jax import problems
 
 EPS = 1e-8
@@ -252,7 +254,8 @@ class Variant:
     Attributes:
       name: row label.
       kind: ``"ls"``, ``"si"`` (mean log of ``l - m``), ``"famo"`` (the
-        reference ``famo_jax.famo``), ``"robust"`` (``famo_jax.robust_famo``)
+        reference ``famo_jax.famo``), ``"robust"`` (the robust FAMO
+        candidate, ``benchmarks.robust_famo``)
         or ``"ablation"`` (FAMO with one mechanism changed, see below).
       update: ``"same_batch"`` or ``"lagged"``.
       gamma: FAMO's decay (``famo`` and ``ablation``).
@@ -264,7 +267,7 @@ class Variant:
         frozen at its value at initialisation), ``"one"`` (no renormaliser).
       model_b2: beta2 of the model's Adam.
       model_eps: eps of the model's Adam.
-      robust_kwargs: keyword arguments of ``famo_jax.robust_famo``.
+      robust_kwargs: keyword arguments of the robust FAMO candidate (``benchmarks.robust_famo``).
     """
 
     name: str
@@ -332,7 +335,7 @@ def build_weighting(
             k, learning_rate=variant.logits_lr, gamma=variant.gamma, min_losses=min_losses
         )
     if variant.kind == "robust":
-        return famo_jax.robust_famo(k, min_losses=min_losses, **dict(variant.robust_kwargs))
+        return robust_famo(k, min_losses=min_losses, **dict(variant.robust_kwargs))
     if variant.kind == "ablation":
         return _ablation_weighting(k, variant, min_losses, initial_losses)
     raise ValueError(f"unknown kind {variant.kind!r}.")
@@ -344,9 +347,8 @@ def reference_variants() -> list[Variant]:
     for gamma in (0.0, 1e-3, 1e-2):
         rows.append(Variant(f"FAMO γ={gamma:g}", "famo", gamma=gamma))
         rows.append(Variant(f"FAMO-lagged γ={gamma:g}", "famo", "lagged", gamma=gamma))
-    if hasattr(famo_jax, "robust_famo"):
-        rows.append(Variant("robust FAMO", "robust"))
-        rows.append(Variant("robust FAMO-lagged", "robust", "lagged"))
+    rows.append(Variant("robust FAMO", "robust"))
+    rows.append(Variant("robust FAMO-lagged", "robust", "lagged"))
     return rows
 
 

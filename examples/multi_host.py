@@ -7,8 +7,7 @@ process runs the same program. Every process then holds the same parameters,
 optimizer state and FAMO state, equal (to float32 rounding) to a one-device
 run on the global batch. The methods: FAMO with the authors' same-batch update
 and with the lagged update, CAGrad and MGDA on the shared trunk
-(``famo_jax.shared_trunk`` over ``famo_jax.task_gradients``), and robust FAMO
-(``famo_jax.robust_famo``, same-batch and lagged).
+(``famo_jax.shared_trunk`` over ``famo_jax.task_gradients``).
 
 Two styles, as on one host (``examples/data_parallel.py``):
 
@@ -89,7 +88,7 @@ else:  # run as a script: this file's directory is on sys.path
 
 AXIS = "data"
 STYLES = ("jit", "shard_map")
-METHODS = ("famo", "famo_lagged", "robust_famo", "robust_famo_lagged", "cagrad", "mgda")
+METHODS = ("famo", "famo_lagged", "cagrad", "mgda")
 
 # jax.distributed.initialize reads JAX_COORDINATOR_ADDRESS itself; the other two
 # are read by join_job (jax takes them only as arguments or from a cluster
@@ -329,8 +328,6 @@ IS_SHARED = {"trunk": True, "heads": False}
 def _weighting(
     method: str, num_tasks: int, axis_name: str | None, dtype: str
 ) -> famo_jax.LossWeighting:
-    if method.startswith("robust_famo"):  # its defaults: no gamma to set
-        return famo_jax.robust_famo(num_tasks, axis_name=axis_name, logits_dtype=dtype)
     # gamma 0.01 (the authors' Cityscapes setting): with the default 1e-3 the
     # logits barely move in a few steps, and the test would not cover them.
     return famo_jax.famo(num_tasks, gamma=0.01, axis_name=axis_name, logits_dtype=dtype)

@@ -61,7 +61,6 @@ from famo_jax.weighting import GO4AlignState as GO4AlignState
 from famo_jax.weighting import IMTLLState as IMTLLState
 from famo_jax.weighting import LossWeighting as LossWeighting
 from famo_jax.weighting import RLWState as RLWState
-from famo_jax.weighting import RobustFAMOState as RobustFAMOState
 from famo_jax.weighting import STCHState as STCHState
 from famo_jax.weighting import UncertaintyWeightingState as UncertaintyWeightingState
 from famo_jax.weighting import WeightingTransformState as WeightingTransformState
@@ -77,7 +76,6 @@ from famo_jax.weighting import linearize_weigh as linearize_weigh
 from famo_jax.weighting import loss_weights as loss_weights
 from famo_jax.weighting import pbi as pbi
 from famo_jax.weighting import random_loss_weighting as random_loss_weighting
-from famo_jax.weighting import robust_famo as robust_famo
 from famo_jax.weighting import scale_invariant as scale_invariant
 from famo_jax.weighting import stch as stch
 from famo_jax.weighting import uncertainty_weighting as uncertainty_weighting
@@ -111,7 +109,6 @@ __all__ = [
     "PCGradState",
     "RLWState",
     "RlwState",
-    "RobustFAMOState",
     "SDMGradState",
     "STCHState",
     "UncertaintyState",
@@ -152,7 +149,6 @@ __all__ = [
     "pcgrad",
     "problems",
     "random_loss_weighting",
-    "robust_famo",
     "scale_invariant",
     "sdmgrad",
     "shared_trunk",

@@ -124,26 +124,6 @@ WEIGHTINGS: tuple[Case, ...] = (
     # A short window so that the dynamic phase (after window + 1 steps) is exercised.
     Case("dwa", WEIGHTING, lambda k: famo_jax.dwa(k, window=2)),
     Case("uncertainty_weighting", WEIGHTING, famo_jax.uncertainty_weighting),
-    # --- robust FAMO (issue 12) ---
-    Case(
-        "robust_famo",
-        WEIGHTING,
-        famo_jax.robust_famo,
-        axis_name=True,
-        build_with_axis_name=lambda k, axis: famo_jax.robust_famo(k, axis_name=axis),
-        log_losses=True,
-    ),
-    # Each step's change measured directly, with the decoupled decay acting.
-    Case(
-        "robust_famo_raw_decay",
-        WEIGHTING,
-        lambda k: famo_jax.robust_famo(k, smoothing=0.0, decay=0.1),
-        axis_name=True,
-        build_with_axis_name=lambda k, axis: famo_jax.robust_famo(
-            k, smoothing=0.0, decay=0.1, axis_name=axis
-        ),
-        log_losses=True,
-    ),
     # --- loss weightings of the peers (issue 14) ---
     Case("gls", WEIGHTING, famo_jax.gls, log_losses=True),
     # Short phases, so that the smooth Tchebycheff phase (after 3 valid updates) is

@@ -152,7 +152,7 @@ def test_stl_trains_each_task_alone_and_rows_line_up():
 
 
 def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
-    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    bench = loss_scales.load_loss_scales(num_train=128, num_val=32, num_test=32)
     method = mtl.method_registry()["MGDA"]
     results = {}
     for gradients in mtl.TASK_GRADIENTS:
@@ -203,7 +203,7 @@ def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
 
 
 def test_unknown_task_gradients_option_raises():
-    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    bench = loss_scales.load_loss_scales(num_train=128, num_val=32, num_test=32)
     cfg = mtl.TrainConfig(task_gradients="hessian")
     with pytest.raises(ValueError, match="task_gradients"):
         mtl.train_method(bench, mtl.method_registry()["MGDA"], cfg)

@@ -3,8 +3,7 @@
 Local CPU processes, started by ``examples/multi_host.py``'s ``launch_local``,
 form one multi-controller JAX job (coordinator on 127.0.0.1 at a free port,
 gloo CPU collectives). Every method is trained: FAMO same-batch and lagged,
-robust FAMO (``famo_jax.robust_famo``) same-batch and lagged, and CAGrad and
-MGDA on the shared trunk.
+and CAGrad and MGDA on the shared trunk.
 
 - 2 processes x 2 CPU devices, float32, ``shard_map`` (FAMO's ``axis_name``
   reducing over local and remote devices at once), ``STEPS`` steps; the job
@@ -27,7 +26,7 @@ relative on the task losses, which reach ~25):
 
 - float32, ``TOLERANCE = 1e-5``. The runs differ in the order of the batch
   reductions only; measured (the example's ``--reference``, 2 processes x 2
-  devices, 8 steps, both styles): FAMO, robust FAMO and MGDA below 3e-7.
+  devices, 8 steps, both styles): FAMO and MGDA below 3e-7.
 - CAGrad in float32, ``CAGRAD_FLOAT32_TOLERANCE = 5e-4``: its float32 weights
   are accurate to ~1e-4 relative only (on this problem's first Gram matrix they
   differ from the float64 solution by 4e-5, and a 1e-7 relative change of the
@@ -35,8 +34,8 @@ relative on the task losses, which reach ~25):
   reductions move each CAGrad step at that level; measured: up to 4.3e-5 after
   6 steps (3 of them after a restore), 6.7e-6 in the example's 8 steps.
 - float64, ``TOLERANCE_FLOAT64 = 1e-12``: measured below 5e-16 for every
-  method, CAGrad and robust FAMO included, after 6 steps on 4 processes x 1
-  device (3e-16 after 12 steps before robust FAMO existed), which shows that the
+  method, CAGrad included, after 6 steps on 4 processes x 1 device (3e-16
+  after 12 steps), which shows that the
   float32 gap of CAGrad is its solver's precision, not the data parallelism.
 
 The failure scenarios (which mostly wait for JAX's timeouts) and the
@@ -278,15 +277,13 @@ def test_the_runs_cover_every_method_and_famo_moved(single_process):
     assert set(final) == set(methods)
     for method in methods:
         assert int(final[method].step) == STEPS
-        if method in ("famo", "robust_famo"):
+        if method == "famo":
             assert int(final[method].weighting_state.num_updates) == STEPS
         if method.endswith("_lagged"):  # the first update has NaN previous losses: skipped
             assert int(final[method].weighting_state.num_skipped) == 1
         if method not in ("cagrad", "mgda"):
             # The logits moved, so the comparisons below cover the update, not only the init.
             assert np.ptp(final[method].weighting_state.logits) > 0.01, method
-    # The library's robust variant, not FAMO again.
-    assert isinstance(final["robust_famo"].weighting_state, famo_jax.RobustFAMOState)
 
 
 # The four-process job runs here, while the two-process job runs in the background.
@@ -308,7 +305,7 @@ def test_four_processes_resume_the_single_process_checkpoint(
     # ...and continued to where the single process got to.
     _assert_close(final, single_process_float64["final"])
     assert final["['jit']['famo'].params['trunk']['w']"].dtype == np.float64
-    assert final["['jit']['robust_famo'].weighting_state.logits"].dtype == np.float64
+    assert final["['jit']['famo'].weighting_state.logits"].dtype == np.float64
     assert "4 process(es), 4 devices (1 per process)" in four_processes["printed"]
     assert f"steps {CHECKPOINT_STEP}..{STEPS}" in four_processes["printed"]
     assert four_processes["result"].ok

@@ -29,8 +29,6 @@ from famo_jax.weighting._pbi import pbi as pbi
 from famo_jax.weighting._pbi import pbi_scalarization as pbi_scalarization
 from famo_jax.weighting._random_loss_weighting import RLWState as RLWState
 from famo_jax.weighting._random_loss_weighting import random_loss_weighting as random_loss_weighting
-from famo_jax.weighting._robust_famo import RobustFAMOState as RobustFAMOState
-from famo_jax.weighting._robust_famo import robust_famo as robust_famo
 from famo_jax.weighting._scale_invariant import scale_invariant as scale_invariant
 from famo_jax.weighting._stch import STCHState as STCHState
 from famo_jax.weighting._stch import stch as stch

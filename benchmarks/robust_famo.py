@@ -1,4 +1,13 @@
-"""Robust FAMO: FAMO without the renormaliser and the coupled decay, on smoothed losses."""
+"""A robust FAMO candidate: no renormaliser, no coupled decay, smoothed losses.
+
+Not part of the famo_jax library. Issue 12 asks for a FAMO that needs no
+tuning and ships it only if it meets the acceptance bars of
+``benchmarks/famo_acceptance.py`` on every problem; this candidate meets all
+but MultiDigits-pair (short by 0.05 points of Δm% same-batch, 0.58 lagged) and
+QM9 (see docs/which_famo.md). It lives here, measured by the benchmarks, until
+one meets them. It reuses the library's private validation and numerics on
+purpose: a variant that passes moves into ``famo_jax/weighting/`` unchanged.
+"""
 
 from __future__ import annotations
 
@@ -49,8 +58,8 @@ class RobustFAMOState(NamedTuple):
         were of the old gaps); the logits and Adam's moments are kept.
 
         Example:
-          >>> import famo_jax
-          >>> state = famo_jax.robust_famo(2).init().with_min_losses(-1.0)
+          >>> from benchmarks.robust_famo import robust_famo
+          >>> state = robust_famo(2).init().with_min_losses(-1.0)
           >>> state.min_losses.tolist()
           [-1.0, -1.0]
         """
@@ -203,7 +212,7 @@ def robust_famo(
       min_losses: lower bounds :math:`m` of the task losses, a scalar or shape
         ``(num_tasks,)``; default 0. Needed where losses can be negative (the
         toy problem, log-likelihoods). Kept in the state
-        (:meth:`famo_jax.RobustFAMOState.with_min_losses`).
+        (:meth:`RobustFAMOState.with_min_losses`).
       eps: the constant :math:`\epsilon` added to ``losses - min_losses``.
       axis_name: name of a mapped axis (``pmap``, ``shard_map``), as in
         :func:`famo`: ``weigh`` and ``update`` use the losses averaged over the
@@ -233,10 +242,11 @@ def robust_famo(
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> import famo_jax
+      >>> from benchmarks.robust_famo import robust_famo
       >>> def task_losses(params, x):
       ...   return jnp.stack([jnp.mean((x @ params - 1.0) ** 2),
       ...                     1e4 * jnp.mean((x @ params + 1.0) ** 2)])
-      >>> weighting = famo_jax.robust_famo(num_tasks=2)
+      >>> weighting = robust_famo(num_tasks=2)
       >>> opt = optax.adam(1e-2)
       >>> params, x = jnp.ones(3), jnp.eye(3)
       >>> state, opt_state = weighting.init(), opt.init(params)

@@ -1,4 +1,4 @@
-"""Tests of famo_jax.robust_famo: its maths, its handling of bad input, and a short acceptance.
+"""The robust FAMO candidate (benchmarks/robust_famo.py): maths, bad input, a short acceptance.
 
 What every loss weighting shares (jit, vmap, dtypes, optax.chain, faults,
 checkpoints, data parallelism) is in the shared suites; here is what is
@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import famo_jax
+from benchmarks.robust_famo import robust_famo
 from famo_jax import problems
 
 K = 3
@@ -57,7 +58,7 @@ def _numpy_robust_famo(prev_seq, curr_seq, min_losses, smoothing, learning_rate,
     return out
 
 
-DEFAULT = famo_jax.robust_famo(K, min_losses=MIN_LOSSES)
+DEFAULT = robust_famo(K, min_losses=MIN_LOSSES)
 DEFAULT_UPDATE = jax.jit(DEFAULT.update)
 
 
@@ -89,7 +90,7 @@ def test_weigh_is_the_weighted_mean_log_gap_with_weights_z_over_gap():
     "smoothing, learning_rate, decay", [(0.9, 0.025, 0.0), (0.0, 0.1, 0.0), (0.5, 0.05, 0.3)]
 )
 def test_update_matches_the_rule_of_the_docstring(smoothing, learning_rate, decay):
-    weighting = famo_jax.robust_famo(
+    weighting = robust_famo(
         K, min_losses=MIN_LOSSES, learning_rate=learning_rate, smoothing=smoothing, decay=decay
     )
     losses = _sequence(1, num_steps=30)
@@ -132,7 +133,7 @@ def test_after_the_first_update_only_the_current_losses_matter():
 
 def test_rescaling_a_task_leaves_the_logits_and_the_direction_unchanged():
     # log(a l) - log(a l') = log l - log l': the logits see no units (min_losses 0).
-    weighting = famo_jax.robust_famo(K)
+    weighting = robust_famo(K)
     losses = _sequence(4, num_steps=25, min_losses=0.0)
     scale = jnp.array([1e-3, 1.0, 1e4])
     update = jax.jit(weighting.update)
@@ -150,7 +151,7 @@ def test_rescaling_a_task_leaves_the_logits_and_the_direction_unchanged():
 def test_decay_is_decoupled_and_pulls_the_logits_to_zero():
     # With a zero logits gradient (equal progress), Adam's step is 0 and only the
     # decay acts: xi <- (1 - lr * decay) xi, whatever the size of the losses.
-    weighting = famo_jax.robust_famo(K, learning_rate=0.1, decay=0.5, smoothing=0.0)
+    weighting = robust_famo(K, learning_rate=0.1, decay=0.5, smoothing=0.0)
     state = weighting.init()._replace(logits=jnp.array([1.0, -2.0, 1.0]))
     state = state._replace(num_updates=jnp.ones((), jnp.int32), level=jnp.log(jnp.ones(K)))
     same = jnp.array([1.0, 1.0, 1.0])
@@ -160,7 +161,7 @@ def test_decay_is_decoupled_and_pulls_the_logits_to_zero():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])
 def test_the_weights_are_the_softmax_mixed_with_the_uniform_and_never_below_alpha_over_k(alpha):
-    weighting = famo_jax.robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
+    weighting = robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
     # Nearly one-hot logits: softmax gives the last two tasks ~1e-13 and ~1e-26.
     state = weighting.init()._replace(logits=jnp.array([30.0, 0.0, -30.0]))
     losses = jnp.array([2.0, 0.75, 3.0])
@@ -180,7 +181,7 @@ def test_the_logits_rule_does_not_depend_on_the_uniform_fraction():
     losses = _sequence(10, num_steps=25)
     states = []
     for alpha in (0.0, ALPHA, 0.9):
-        weighting = famo_jax.robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
+        weighting = robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
         update, state = jax.jit(weighting.update), weighting.init()
         for t in range(25):
             state = update(losses[t], losses[t + 1], state)
@@ -239,7 +240,7 @@ def test_low_precision_losses_keep_a_float32_state(dtype):
 
 def test_axis_name_uses_the_losses_averaged_over_the_axis():
     replicas = 4
-    mapped = famo_jax.robust_famo(K, min_losses=MIN_LOSSES, axis_name="r")
+    mapped = robust_famo(K, min_losses=MIN_LOSSES, axis_name="r")
     trend = _sequence(7, num_steps=6)
     noise = jnp.exp(0.3 * jax.random.normal(jax.random.key(0), (replicas, 7, K)))
     per_replica = MIN_LOSSES + (trend - MIN_LOSSES) * noise
@@ -335,19 +336,19 @@ def test_the_lagged_first_call_with_nan_previous_losses_is_skipped():
 )
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
-        famo_jax.robust_famo(**{"num_tasks": K, **kwargs})
+        robust_famo(**{"num_tasks": K, **kwargs})
 
 
 def test_a_state_of_another_size_is_rejected():
     with pytest.raises(ValueError, match=r"state.logits must have shape \(num_tasks,\) = \(3,\)"):
-        DEFAULT.weigh(jnp.ones(K), famo_jax.robust_famo(2).init())
+        DEFAULT.weigh(jnp.ones(K), robust_famo(2).init())
 
 
 # --- a short acceptance: the paper's toy from every start -------------------------------------
 
 
 def _toy_run(update_mode: str, num_steps: int = 50_000):
-    weighting = famo_jax.robust_famo(2, min_losses=problems.TOY_MIN_LOSSES)
+    weighting = robust_famo(2, min_losses=problems.TOY_MIN_LOSSES)
     adam = optax.adam(1e-3)
 
     def one_start(theta):
