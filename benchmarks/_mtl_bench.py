@@ -1,4 +1,4 @@
-"""Shared machinery of the multitask benchmarks (MultiDigits, QM9-like).
+"""Shared machinery of the multitask benchmarks (MultiDigits, synthetic loss scales).
 
 A benchmark is a :class:`Benchmark`: fixed train/validation/test arrays and a
 task kind (10-way classification, binary classification or regression). Every
@@ -236,8 +236,9 @@ class Method:
       reseed: ``(state, key) -> state`` that makes a method's random state
         depend on the seed, for methods with a PRNG key in their state (so the
         vmapped seeds are independent runs); None for the others.
-      min_tasks: the fewest tasks the method accepts (Krum and TrimmedMean need
-        3): on a benchmark with fewer, its row is left out (and the run says so).
+      min_tasks: the fewest tasks the method accepts (Krum with one Byzantine
+        task needs 4, TrimmedMean 3): on a benchmark with fewer, its row is left
+        out (and the run says so).
       takes_context: whether ``build`` takes a third argument, the run's
         :class:`RunContext` (for methods whose settings follow the training
         schedule: epochs counted in steps, the model's learning rate).
@@ -384,7 +385,13 @@ def method_registry(gamma: float = 0.001, famo_lr: float = 0.025) -> dict[str, M
         Method("ConFIG", "aggregator", lambda k, key: fj.con_fig()),
         Method("FairGrad", "aggregator", lambda k, key: fj.fairgrad(alpha=1.0)),
         Method("Krum", "aggregator", lambda k, key: fj.krum(n_byzantine=1), min_tasks=4),
-        Method("TrimmedMean", "aggregator", lambda k, key: fj.trimmed_mean(1), min_tasks=3),
+        Method(
+            "TrimmedMean",
+            "aggregator",
+            lambda k, key: fj.trimmed_mean(1),
+            min_tasks=3,
+            gram_based=False,
+        ),
         Method(
             "CR-MOGM (UPGrad)",
             "aggregator",

@@ -1,4 +1,4 @@
-"""MultiDigits and QM9-like benchmarks: data checks, harness checks, --quick end to end."""
+"""MultiDigits and synthetic loss-scales benchmarks: data and harness checks, --quick runs."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 import famo_jax
 from benchmarks import _mtl_bench as mtl
-from benchmarks import multidigits, qm9_like
+from benchmarks import loss_scales, multidigits
 
 SMALL = dict(num_train=300, num_val=60, num_test=80)
 
@@ -77,8 +77,8 @@ def test_multidigits_is_deterministic():
     assert not np.array_equal(a.x_test, c.x_test)
 
 
-def test_qm9_like_loss_scales_span_four_orders_of_magnitude():
-    bench = qm9_like.load_qm9_like(num_train=2000, num_val=200, num_test=200)
+def test_loss_scales_span_four_orders_of_magnitude():
+    bench = loss_scales.load_loss_scales(num_train=2000, num_val=200, num_test=200)
     assert bench.num_tasks == 11 and bench.kind == "regression"
     assert bench.x_train.shape == (2000, 16) and bench.y_train.shape == (2000, 11)
     assert np.all(np.isfinite(bench.y_train))
@@ -88,10 +88,10 @@ def test_qm9_like_loss_scales_span_four_orders_of_magnitude():
     variances = bench.y_train.astype(np.float64).var(axis=0)
     assert initial_losses.max() / initial_losses.min() > 1e4
     assert variances.max() / variances.min() > 1e4
-    np.testing.assert_allclose(np.sqrt(variances), qm9_like.TARGET_STD, rtol=0.1)
+    np.testing.assert_allclose(np.sqrt(variances), loss_scales.TARGET_STD, rtol=0.1)
     # The energy-like targets are nearly the same function, the others are not.
     corr = np.corrcoef(bench.y_train.T)
-    energies = list(qm9_like.ENERGY_TASKS)
+    energies = list(loss_scales.ENERGY_TASKS)
     assert corr[np.ix_(energies, energies)].min() > 0.85
     assert np.abs(corr[0, 1:6]).max() < 0.8
 
@@ -131,7 +131,7 @@ def test_each_head_only_affects_its_own_task():
 
 
 def test_stl_trains_each_task_alone_and_rows_line_up():
-    bench = qm9_like.load_qm9_like(num_train=128, num_val=32, num_test=32)
+    bench = loss_scales.load_loss_scales(num_train=128, num_val=32, num_test=32)
     cfg = mtl.TrainConfig(
         hidden=(8,),
         epochs=10,
@@ -174,7 +174,8 @@ def test_aggregator_rows_train_alike_through_the_engine_and_jacrev():
 
 
 def test_gram_based_marks_the_aggregator_rows_that_take_the_engine():
-    k = 3
+    # Every row's min_tasks (Krum's n_byzantine + 3 is the most).
+    k = max(method.min_tasks for method in mtl.method_registry().values())
     model = mtl.SharedTrunkNet((8,), k, 1)
     x, y = jnp.ones((4, 5)), jnp.ones((4, k))
     params = model.init(jax.random.key(0), x[:1])["params"]
@@ -267,13 +268,13 @@ def test_rows_that_follow_the_schedule_are_built_from_the_run():
 # The full method list runs with `--quick` alone (about three times longer).
 QUICK_METHODS = {
     "multidigits": ["STL", "FAMO", "CAGrad"],
-    "qm9_like": ["STL", "LS", "FAMO", "FAMO-lagged", "PCGrad"],
+    "loss_scales": ["STL", "LS", "FAMO", "FAMO-lagged", "PCGrad"],
 }
 
 
-@pytest.mark.parametrize("script", ["multidigits", "qm9_like"])
+@pytest.mark.parametrize("script", ["multidigits", "loss_scales"])
 def test_quick_run_end_to_end(script, capsys):
-    module = {"multidigits": multidigits, "qm9_like": qm9_like}[script]
+    module = {"multidigits": multidigits, "loss_scales": loss_scales}[script]
     methods = QUICK_METHODS[script]
     result = module.main(["--quick", "--methods", *methods])
     summaries = list(result.values()) if isinstance(result, dict) else [result]

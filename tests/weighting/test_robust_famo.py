@@ -4,7 +4,8 @@ What every loss weighting shares (jit, vmap, dtypes, optax.chain, faults,
 checkpoints, data parallelism) is in the shared suites; here is what is
 specific to robust FAMO: the log objective without FAMO's renormaliser, the
 moving average of the log losses, the logits' Adam step with decoupled decay,
-the first (level-starting) update, and the toy problem solved from every start.
+the floor of the weights (the uniform mixture), the first (level-starting)
+update, and the toy problem solved from every start.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from famo_jax import problems
 K = 3
 MIN_LOSSES = np.array([0.0, 0.5, -1.0])
 EPS = 1e-8
+ALPHA = 0.1  # robust_famo's default uniform_fraction
 
 
 def _sequence(seed: int, num_steps: int = 20, num_tasks: int = K, min_losses=MIN_LOSSES):
@@ -73,7 +75,7 @@ def _warm_state(num_steps: int = 4, seed: int = 0):
 def test_weigh_is_the_weighted_mean_log_gap_with_weights_z_over_gap():
     state = DEFAULT.init()._replace(logits=jnp.array([0.3, -1.2, 0.5]))
     losses = jnp.array([2.0, 0.75, 3.0])
-    z = np.asarray(jax.nn.softmax(state.logits), np.float64)
+    z = (1 - ALPHA) * np.asarray(jax.nn.softmax(state.logits), np.float64) + ALPHA / K
     gaps = np.asarray(losses, np.float64) - MIN_LOSSES + EPS
     value = jax.jit(DEFAULT.weigh)(losses, state)
     np.testing.assert_allclose(float(value), np.sum(z * np.log(gaps)), rtol=1e-6)
@@ -154,6 +156,37 @@ def test_decay_is_decoupled_and_pulls_the_logits_to_zero():
     same = jnp.array([1.0, 1.0, 1.0])
     new = jax.jit(weighting.update)(same * 0.5, same * 0.5, state)
     np.testing.assert_allclose(np.asarray(new.logits), (1 - 0.05) * np.array([1.0, -2.0, 1.0]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])
+def test_the_weights_are_the_softmax_mixed_with_the_uniform_and_never_below_alpha_over_k(alpha):
+    weighting = famo_jax.robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
+    # Nearly one-hot logits: softmax gives the last two tasks ~1e-13 and ~1e-26.
+    state = weighting.init()._replace(logits=jnp.array([30.0, 0.0, -30.0]))
+    losses = jnp.array([2.0, 0.75, 3.0])
+    gaps = np.asarray(losses, np.float64) - MIN_LOSSES + EPS
+    weights = np.asarray(famo_jax.loss_weights(weighting, losses, state), np.float64) * gaps
+    softmax = np.asarray(jax.nn.softmax(state.logits), np.float64)
+    np.testing.assert_allclose(weights, (1 - alpha) * softmax + alpha / K, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
+    assert np.all(weights >= alpha / K * (1 - 1e-6))
+    if alpha > 0:  # the floor lifts the starved tasks by many orders of magnitude
+        assert weights[2] > 1e10 * softmax[2]
+
+
+def test_the_logits_rule_does_not_depend_on_the_uniform_fraction():
+    # Adam's step is invariant to the factor (1 - alpha) of the exact gradient,
+    # which is left out: the logits and the level follow the same path for any alpha.
+    losses = _sequence(10, num_steps=25)
+    states = []
+    for alpha in (0.0, ALPHA, 0.9):
+        weighting = famo_jax.robust_famo(K, min_losses=MIN_LOSSES, uniform_fraction=alpha)
+        update, state = jax.jit(weighting.update), weighting.init()
+        for t in range(25):
+            state = update(losses[t], losses[t + 1], state)
+        states.append(state)
+    chex.assert_trees_all_equal(states[0], states[1], states[2])
+    assert float(jnp.abs(states[0].logits).max()) > 0.1
 
 
 # --- state, dtypes, transformations ----------------------------------------------------------
@@ -292,6 +325,8 @@ def test_the_lagged_first_call_with_nan_previous_losses_is_skipped():
         (dict(learning_rate=-0.1), ValueError, r"learning_rate must be .*>= 0, got -0\.1"),
         (dict(smoothing=1.0), ValueError, r"smoothing must be in \[0, 1\), got 1\.0"),
         (dict(smoothing=-0.5), ValueError, r"smoothing must be .*>= 0, got -0\.5"),
+        (dict(uniform_fraction=1.0), ValueError, r"uniform_fraction must be in \[0, 1\), got 1"),
+        (dict(uniform_fraction=-0.1), ValueError, r"uniform_fraction must be .*>= 0, got -0\.1"),
         (dict(decay=float("nan")), ValueError, r"decay must be .*got nan"),
         (dict(eps=-1.0), ValueError, r"eps must be .*>= 0, got -1\.0"),
         (dict(min_losses=[0.0, 0.0]), ValueError, r"min_losses must .*\(3,\), got shape \(2,\)"),

@@ -1,4 +1,4 @@
-"""QM9-like: a SYNTHETIC 11-target regression benchmark with very different loss scales.
+"""Loss scales: a SYNTHETIC 11-target regression benchmark with very different loss scales.
 
 This is not QM9 and involves no molecules. It imitates the property of QM9
 that the FAMO paper (Table 2) says makes it hard for multitask methods: eleven
@@ -18,10 +18,10 @@ initialisation and after training. Metric: mean absolute error (MAE) in the
 targets' units. The heads start at zero, so every method starts from the
 losses ``E[y_j**2] ~ std_j**2``.
 
-Run (the tables in ``docs/benchmarks/qm9_like.md``)::
+Run (the tables in ``docs/benchmarks/loss_scales.md``)::
 
-    python -m benchmarks.qm9_like --out DIR   # full settings
-    python -m benchmarks.qm9_like --quick     # seconds; used by the tests
+    python -m benchmarks.loss_scales --out DIR   # full settings
+    python -m benchmarks.loss_scales --quick     # seconds; used by the tests
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ ENERGY_TASKS = (6, 7, 8, 9)  # u0, u, h, g: nearly the same function, as in QM9
 INPUT_DIM = 16
 SHARED_FEATURES = 24
 SPECIFIC_WIDTH = 6
-DOCS_PATH = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks", "qm9_like.md")
+DOCS_PATH = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks", "loss_scales.md")
 
 
 def _standardize(values: np.ndarray) -> np.ndarray:
@@ -87,10 +87,10 @@ def make_targets(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     return TARGET_STD * (np.sqrt(1.0 - NOISE**2) * signal + NOISE * noise)
 
 
-def load_qm9_like(
+def load_loss_scales(
     num_train: int = 6000, num_val: int = 1000, num_test: int = 2000, data_seed: int = 0
 ) -> mtl.Benchmark:
-    """Builds the synthetic QM9-like benchmark (deterministic given the arguments).
+    """Builds the synthetic loss-scales benchmark (deterministic given the arguments).
 
     Args:
       num_train, num_val, num_test: examples per split (drawn together, so the
@@ -108,7 +108,7 @@ def load_qm9_like(
     cut1, cut2 = num_train, num_train + num_val
     scales = ", ".join(f"{name} {std:g}" for name, std in zip(TASK_NAMES, TARGET_STD, strict=True))
     description = (
-        "QM9-like (SYNTHETIC, not QM9): 11 regression targets of a shared 16-dim "
+        "Loss scales (SYNTHETIC stress test, not QM9): 11 regression targets of a shared 16-dim "
         "Gaussian input, each a mix of shared and target-specific random nonlinear "
         "functions plus noise; the energy-like targets u0, u, h, g share 95% of their "
         f"function. Target scales (std): {scales}; the mean squared errors that are "
@@ -118,7 +118,7 @@ def load_qm9_like(
         "paper targets); the heads start at zero."
     )
     return mtl.Benchmark(
-        name="qm9-like",
+        name="loss-scales",
         task_names=TASK_NAMES,
         kind="regression",
         num_classes=1,
@@ -137,7 +137,7 @@ QUICK = dict(num_train=512, num_val=128, num_test=128)
 
 
 def main(argv: list[str] | None = None) -> mtl.Summary:
-    """Runs the QM9-like comparison and prints (and optionally writes) the tables."""
+    """Runs the loss-scales comparison and prints (and optionally writes) the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mtl.add_common_arguments(parser, DOCS_PATH)
     args = parser.parse_args(argv)
@@ -153,15 +153,18 @@ def main(argv: list[str] | None = None) -> mtl.Summary:
         compile_options=mtl.QUICK_COMPILE_OPTIONS if args.quick else None,
         task_gradients=args.gradients,
     )
-    command = " ".join(["python -m benchmarks.qm9_like", *argv])
+    command = " ".join(["python -m benchmarks.loss_scales", *argv])
     clock = mtl.RunClock()
-    bench = load_qm9_like(**(QUICK if args.quick else FULL))
+    bench = load_loss_scales(**(QUICK if args.quick else FULL))
     summary = mtl.run_benchmark(
         bench, cfg, args.methods, args.gamma, ablation_gammas=mtl.ablation_gammas(args)
     )
-    text = mtl.report(summary, command, "QM9-like (synthetic)") + f"\n\n{clock.summary()}\n"
+    text = (
+        mtl.report(summary, command, "Loss scales (synthetic stress test)")
+        + f"\n\n{clock.summary()}\n"
+    )
     print("\n" + text)
-    mtl.write_markdown(args, DOCS_PATH, "QM9-like (synthetic)", text)
+    mtl.write_markdown(args, DOCS_PATH, "Loss scales (synthetic stress test)", text)
     return summary
 
 
