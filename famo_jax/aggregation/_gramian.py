@@ -142,8 +142,11 @@ def _read(env: dict, v: Any) -> Any:
 def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     """Applies one jaxpr equation to values, as ``jax.core.eval_jaxpr`` does."""
     params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):  # jax < 0.5 returns (subfuns, params)
+        subfuns, params = params
     with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
