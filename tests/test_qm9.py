@@ -131,7 +131,7 @@ def test_graph_batches_have_fixed_shapes(molecules):
         np.testing.assert_array_equal(per_node[real], (heavy - 1)[real])
 
 
-def test_quick_run_end_to_end(molecules, tmp_path):
+def test_quick_run_end_to_end(molecules, tmp_path, monkeypatch):
     from benchmarks.qm9.__main__ import main
 
     cache, out = tmp_path / "cache", tmp_path / "out"
@@ -167,6 +167,30 @@ def test_quick_run_end_to_end(molecules, tmp_path):
     for name, row in summary.rows.items():
         np.testing.assert_array_equal(again.rows[name].test_mae_best, row.test_mae_best)
         np.testing.assert_array_equal(again.rows[name].best_epoch, row.best_epoch)
+    # Reuse is keyed on the task-gradient path: IMTL-G was trained with the
+    # engine, so a jacrev invocation trains it again (stopped here) ...
+    assert summary.rows["IMTL-G"].task_gradients == "engine"
+    assert summary.rows["FAMO"].task_gradients is None
+    trained = []
+
+    def no_training(self, method, *args, **kwargs):
+        trained.append(method.name)
+        raise KeyboardInterrupt
+
+    args = ["--quick", "--cache", str(cache), "--progress", "none", "--seeds", "2"]
+    args += ["--epochs", "1", "--methods", "FAMO", "IMTL-G", "--reuse-from", str(out)]
+    args += ["--gradients", "jacrev"]
+    with monkeypatch.context() as patch:
+        patch.setattr("benchmarks.qm9.train.Trainer.train", no_training)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--out", str(tmp_path / "jacrev")])
+        assert trained == ["IMTL-G"]
+        # ... unless told to reuse either path.
+        either = main([*args, "--out", str(tmp_path / "either"), "--reuse-either-gradients"])
+    assert either.rows["IMTL-G"].task_gradients == "engine"
+    np.testing.assert_array_equal(
+        either.rows["IMTL-G"].test_mae_best, summary.rows["IMTL-G"].test_mae_best
+    )
 
 
 def test_engine_and_jacrev_give_the_same_first_update(molecules):

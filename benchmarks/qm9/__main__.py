@@ -242,7 +242,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
             saved_gradients = row.task_gradients or (
                 "jacrev" if methods[name].family == "aggregator" else None
             )
-            if same_lrs and saved_gradients == trainer.gradients_for(methods[name]):
+            same_gradients = args.reuse_either_gradients or (
+                saved_gradients == trainer.gradients_for(methods[name])
+            )
+            if same_lrs and same_gradients:
                 summary.rows[name] = row._replace(task_gradients=saved_gradients)
                 reused.append(name)
         print(f"rows from {path} (same settings): {', '.join(reused)}", flush=True)
@@ -482,6 +485,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="aggregators' task gradients: the Gramian engine for the Gram-based rows "
         "(gramian_task_gradients, default; jacrev for the others) or jax.jacrev "
         "(task_gradients) for every row",
+    )
+    parser.add_argument(
+        "--reuse-either-gradients",
+        action="store_true",
+        help="with --reuse-from: reuse an aggregator row whichever task-gradient path "
+        "trained it (the first DIR that has the row wins; the report names each row's path)",
     )
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     return parser.parse_args(argv)
