@@ -131,7 +131,7 @@ def test_graph_batches_have_fixed_shapes(molecules):
         np.testing.assert_array_equal(per_node[real], (heavy - 1)[real])
 
 
-def test_quick_run_end_to_end(molecules, tmp_path):
+def test_quick_run_end_to_end(molecules, tmp_path, monkeypatch):
     from benchmarks.qm9.__main__ import main
 
     cache, out = tmp_path / "cache", tmp_path / "out"
@@ -167,3 +167,60 @@ def test_quick_run_end_to_end(molecules, tmp_path):
     for name, row in summary.rows.items():
         np.testing.assert_array_equal(again.rows[name].test_mae_best, row.test_mae_best)
         np.testing.assert_array_equal(again.rows[name].best_epoch, row.best_epoch)
+    # Reuse is keyed on the task-gradient path: IMTL-G was trained with the
+    # engine, so a jacrev invocation trains it again (stopped here) ...
+    assert summary.rows["IMTL-G"].task_gradients == "engine"
+    assert summary.rows["FAMO"].task_gradients is None
+    trained = []
+
+    def no_training(self, method, *args, **kwargs):
+        trained.append(method.name)
+        raise KeyboardInterrupt
+
+    args = ["--quick", "--cache", str(cache), "--progress", "none", "--seeds", "2"]
+    args += ["--epochs", "1", "--methods", "FAMO", "IMTL-G", "--reuse-from", str(out)]
+    args += ["--gradients", "jacrev"]
+    with monkeypatch.context() as patch:
+        patch.setattr("benchmarks.qm9.train.Trainer.train", no_training)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--out", str(tmp_path / "jacrev")])
+        assert trained == ["IMTL-G"]
+        # ... unless told to reuse either path.
+        either = main([*args, "--out", str(tmp_path / "either"), "--reuse-either-gradients"])
+    assert either.rows["IMTL-G"].task_gradients == "engine"
+    np.testing.assert_array_equal(
+        either.rows["IMTL-G"].test_mae_best, summary.rows["IMTL-G"].test_mae_best
+    )
+
+
+def test_engine_and_jacrev_give_the_same_first_update(molecules):
+    # The Gramian engine (trunk mask inside, heads the mean gradient) and
+    # jacrev + shared_trunk: the same aggregator update, times k, on one batch.
+    from benchmarks._mtl_bench import method_registry
+    from benchmarks.qm9.__main__ import QUICK
+    from benchmarks.qm9.train import Trainer, make_splits
+
+    cfg = dataclasses.replace(QUICK, num_seeds=1)
+    splits = make_splits(molecules, cfg)
+    method = method_registry()["MGDA"]
+    key = jax.random.key(0)
+    batch = jnp.arange(cfg.batch_size)
+    updates = {}
+    for gradients in ("engine", "jacrev"):
+        trainer = Trainer(splits, cfg, gradients)
+        assert trainer.gradients_for(method) == gradients
+        params = trainer._init_one(key, trainer._example_graph)
+        transform, _ = trainer._build(method, key, None, jnp.float32(cfg.learning_rate))
+        value_and_task_grads = trainer.task_gradient_fn(method)
+
+        @jax.jit
+        def first_update(params, value_and_task_grads=value_and_task_grads, transform=transform):
+            losses, task_grads = value_and_task_grads(params, splits.train, batch)
+            return transform.update(task_grads, transform.init(params), params, losses=losses)[0]
+
+        updates[gradients] = first_update(params)
+    assert set(updates["engine"]) == {"trunk", "heads"}
+    assert any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(updates["engine"]["trunk"]))
+    chex.assert_trees_all_close(updates["engine"], updates["jacrev"], rtol=1e-5, atol=1e-5)
+    # A row without a Gramian form (DB-MTL) falls back to jacrev.
+    assert Trainer(splits, cfg, "engine").gradients_for(method_registry()["DB-MTL"]) == "jacrev"

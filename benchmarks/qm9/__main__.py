@@ -37,6 +37,7 @@ from benchmarks.qm9 import data as qm9_data
 from benchmarks.qm9 import report
 from benchmarks.qm9.train import (
     QUICK_COMPILE_OPTIONS,
+    TASK_GRADIENTS,
     QM9Config,
     RowResult,
     Trainer,
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
         f"load {load_start[0]:.1f}",
         flush=True,
     )
-    trainer = Trainer(splits, cfg)
+    trainer = Trainer(splits, cfg, args.gradients)
     summary = report.QM9Summary(cfg, {}, grid, args.famo_lr, args.gamma)
     mode = args.progress
     if mode == "auto":
@@ -233,10 +234,19 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
             if name not in methods or name in summary.rows:
                 continue
             row = load_row(path, name, cfg)
-            # A row is reused only with the learning rates it would be trained with.
+            # A row is reused only with the learning rates it would be trained
+            # with, and (aggregators) the same task-gradient path (--gradients).
             saved_lrs, wanted = np.unique(row.learning_rates), np.sort(grid[name])
-            if saved_lrs.shape == wanted.shape and np.allclose(saved_lrs, wanted, rtol=1e-6):
-                summary.rows[name] = row
+            same_lrs = saved_lrs.shape == wanted.shape and np.allclose(saved_lrs, wanted, rtol=1e-6)
+            # Aggregator rows saved before --gradients existed used jacrev.
+            saved_gradients = row.task_gradients or (
+                "jacrev" if methods[name].family == "aggregator" else None
+            )
+            same_gradients = args.reuse_either_gradients or (
+                saved_gradients == trainer.gradients_for(methods[name])
+            )
+            if same_lrs and same_gradients:
+                summary.rows[name] = row._replace(task_gradients=saved_gradients)
                 reused.append(name)
         print(f"rows from {path} (same settings): {', '.join(reused)}", flush=True)
     # STL first (every other row's selection needs its validation MAE), then
@@ -277,6 +287,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
             f"compile {row.compile_seconds:4.1f} s, other {row.other_seconds:4.1f} s; "
             f"load {os.getloadavg()[0]:.1f}"
         )
+        if row.task_gradients is not None:
+            line += f"; task gradients: {row.task_gradients}"
         if name != "STL":
             dm = summary.delta_m(name)
             line += f"; test Δm% {dm.mean():+.1f} ± {report.stderr(dm):.1f}"
@@ -286,6 +298,19 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> report.QM9Summary:
     print("\n" + text)
     print(f"wrote {os.path.join(out, 'qm9.md')} and qm9_results.npz")
     return summary
+
+
+def _gradients_text(summary: report.QM9Summary) -> str:
+    """Which aggregator rows used the Gramian engine and which jax.jacrev."""
+    paths: dict[str, list[str]] = {}
+    for name, row in summary.rows.items():
+        if row.task_gradients is not None:
+            paths.setdefault(row.task_gradients, []).append(name)
+    if not paths:
+        return ""
+    words = {"engine": "the Gramian engine", "jacrev": "`jax.jacrev`"}
+    listed = "; ".join(f"{words[p]}: {', '.join(n)}" for p, n in sorted(paths.items()))
+    return f"Task gradients ({listed})."
 
 
 def settings_text(summary: report.QM9Summary, command: str) -> str:
@@ -319,6 +344,7 @@ def settings_text(summary: report.QM9Summary, command: str) -> str:
         "`update(losses[t-1], losses[t])`. Aggregators act on the shared trunk (sum "
         "convention: k × the aggregate; no gradient clipping for any row); each head "
         "gets its own task's gradient.",
+        _gradients_text(summary),
         "Δm% against STL's test MAE (lower is better), mean ± standard error over "
         "seeds; MR = mean rank of the seed-mean MAEs among the rows of the table "
         "other than STL, ± the standard error of the per-seed mean ranks. "
@@ -402,6 +428,8 @@ def load_row(path: str, name: str, cfg: QM9Config) -> RowResult:
             fields[field] = f[key] if key in f else None
     for field in ("compile_seconds", "other_seconds"):
         fields[field] = float(fields[field])
+    if fields["task_gradients"] is not None:
+        fields["task_gradients"] = str(fields["task_gradients"])
     return RowResult(**fields)
 
 
@@ -449,6 +477,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="reuse the rows of earlier --out DIRs with the same settings (train the rest)",
+    )
+    parser.add_argument(
+        "--gradients",
+        choices=TASK_GRADIENTS,
+        default="engine",
+        help="aggregators' task gradients: the Gramian engine for the Gram-based rows "
+        "(gramian_task_gradients, default; jacrev for the others) or jax.jacrev "
+        "(task_gradients) for every row",
+    )
+    parser.add_argument(
+        "--reuse-either-gradients",
+        action="store_true",
+        help="with --reuse-from: reuse an aggregator row whichever task-gradient path "
+        "trained it (the first DIR that has the row wins; the report names each row's path)",
     )
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     return parser.parse_args(argv)

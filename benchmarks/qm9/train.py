@@ -14,9 +14,14 @@ Per step, as in :mod:`benchmarks._mtl_bench`:
   ``weighting.update`` (same-batch: the batch's losses recomputed after the
   step, the FAMO authors' protocol; lagged: the previous step's losses;
   ``"step"``: the step's own losses);
-- gradient aggregators: per-task gradients (``famo_jax.task_gradients``) of
-  the shared trunk through the aggregator (``famo_jax.shared_trunk``), times
-  ``k`` (the authors' sum convention); each head gets its own task's gradient.
+- gradient aggregators: per-task gradients of the shared trunk through the
+  aggregator, times ``k`` (the authors' sum convention); each head gets its
+  own task's gradient (``k`` x the mean). The task gradients come from the
+  Gramian engine (``famo_jax.gramian_task_gradients`` with the trunk mask,
+  which applies the mask itself) for the rows with ``Method.gram_based`` when
+  ``Trainer(task_gradients="engine")`` (the default), else from
+  ``famo_jax.task_gradients`` (``jax.jacrev``, the aggregator wrapped in
+  ``famo_jax.shared_trunk``); both give the same update.
 
 Training loss: per-task MSE of the standardised targets (the authors'
 ``--scale-y``). Model selection, online: after every epoch the validation MAE
@@ -65,7 +70,13 @@ def _select_tree(flag: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
+TASK_GRADIENTS = ("engine", "jacrev")
+
+
 # End of the copied lines.
+
+# The MPNN's parameters: the shared trunk and the 11 linear heads.
+SHARED = {"trunk": True, "heads": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +190,9 @@ class RowResult(NamedTuple):
       compile_seconds: ahead-of-time compilation of the epoch program.
       other_seconds: initialisation and the final evaluations (their
         compilation included).
+      task_gradients: aggregators only: ``"engine"`` or ``"jacrev"``, how the
+        per-task gradients were computed (None for other rows, and for
+        aggregator rows saved before the option existed, which used jacrev).
     """
 
     learning_rates: np.ndarray
@@ -194,6 +208,7 @@ class RowResult(NamedTuple):
     epoch_seconds: np.ndarray
     compile_seconds: float
     other_seconds: float
+    task_gradients: str | None = None
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -240,7 +255,12 @@ class Trainer:
     and the evaluation of a split. Each row compiles its own epoch program.
     """
 
-    def __init__(self, splits: QM9Splits, cfg: QM9Config):
+    def __init__(self, splits: QM9Splits, cfg: QM9Config, task_gradients: str = "engine"):
+        if task_gradients not in TASK_GRADIENTS:
+            raise ValueError(
+                f"task_gradients must be one of {TASK_GRADIENTS}, got {task_gradients!r}."
+            )
+        self.task_gradients = task_gradients
         if cfg.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}.")
         self.splits = splits
@@ -262,6 +282,24 @@ class Trainer:
         # for every distinct count, 10-20 s each on 2 shared cores).
         self._init_one = jax.jit(lambda key, graph: self.model.init(key, graph)["params"])
         self._evaluate_one = jax.jit(self.evaluate)
+
+    def gradients_for(self, method: Method) -> str | None:
+        """How ``method``'s task gradients are computed: ``"engine"``, ``"jacrev"`` or None."""
+        if method.family != "aggregator":
+            return None
+        if self.task_gradients == "engine" and getattr(method, "gram_based", True):
+            return "engine"
+        return "jacrev"
+
+    def task_gradient_fn(self, method: Method) -> Callable:
+        """``(params, molecules, indices) -> (losses, task gradients)`` for an aggregator row.
+
+        The engine's implicit task gradients (trunk mask applied, heads the mean
+        gradient) or ``jax.jacrev``'s stacked ones (see :meth:`gradients_for`).
+        """
+        if self.gradients_for(method) == "engine":
+            return famo_jax.gramian_task_gradients(self.task_losses, is_shared=SHARED)
+        return famo_jax.task_gradients(self.task_losses)
 
     # -- pure functions of one model ------------------------------------------
 
@@ -310,10 +348,15 @@ class Trainer:
         else:
             build = lambda: method.build(k, key)
         if method.family == "aggregator":
-            transform = optax.chain(
-                famo_jax.shared_trunk(build(), {"trunk": True, "heads": False}),
-                optax.scale(float(k)),
-            )
+            # Trunk: the aggregate of the k task gradients, times k; heads: the
+            # mean task gradient times k, each head's own task's gradient. The
+            # engine applies the trunk mask itself (head_reduction="mean", as
+            # shared_trunk's default); the stacked jacrev gradients go through
+            # shared_trunk.
+            aggregator = build()
+            if self.gradients_for(method) == "jacrev":
+                aggregator = famo_jax.shared_trunk(aggregator, SHARED)
+            transform = optax.chain(aggregator, optax.scale(float(k)))
             return transform, None
         if method.family == "stl":
             return None, _fixed_weighting(stl_weights)
@@ -349,6 +392,7 @@ class Trainer:
         transform, weighting = self._build(method, jax.random.split(run_key, 3)[2], stl_weights, lr)
         optimizer = self.optimizer(lr)
         task_losses = self.task_losses
+        value_and_task_grads = self.task_gradient_fn(method)
 
         def weighting_step(c, batch):
             params, opt_state, state, prev_losses, has_prev = c
@@ -372,7 +416,7 @@ class Trainer:
 
         def aggregator_step(c, batch):
             params, opt_state, state, prev_losses, has_prev = c
-            losses, task_grads = famo_jax.task_gradients(task_losses)(params, train, batch)
+            losses, task_grads = value_and_task_grads(params, train, batch)
             grads, state = transform.update(task_grads, state, params, losses=losses)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
@@ -537,4 +581,5 @@ class Trainer:
             epoch_seconds=np.asarray(seconds),
             compile_seconds=compile_seconds,
             other_seconds=init_seconds + final_seconds,
+            task_gradients=self.gradients_for(method),
         )
