@@ -105,6 +105,15 @@ def num_tasks_of(task_grads: TaskGradients, name: str = "updates") -> int:
     return sizes.pop()
 
 
+def check_built_num_tasks(k: int, num_tasks: int, method: str) -> None:
+    """Raises unless the task gradients have the ``num_tasks`` the method was built for."""
+    if k != num_tasks:
+        raise ValueError(
+            f"{method} was built for num_tasks={num_tasks}, got task gradients with a "
+            f"leading axis of size {k}."
+        )
+
+
 def compute_dtype(task_grads: TaskGradients) -> jnp.dtype:
     """The dtype in which weights are computed: at least float32."""
     if isinstance(task_grads, ImplicitTaskGradients):

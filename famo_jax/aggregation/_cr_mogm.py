@@ -169,11 +169,7 @@ def cr_mogm(
 
     def weights_fn(gram, state, losses):
         k = gram.shape[0]
-        if k != num_tasks:
-            raise ValueError(
-                f"cr_mogm was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "cr_mogm")
         wrapped, inner_state = inner.weights(gram, state.inner, losses)
         wrapped = wrapped.astype(gram.dtype)
         valid = jnp.all(jnp.isfinite(wrapped))

@@ -123,11 +123,7 @@ def db_mtl(
         del params, extra_args
         _stacked.reject_implicit(updates, "db_mtl", "averages every task gradient in its state")
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"db_mtl was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "db_mtl")
         losses = _base.check_losses_extra_arg(losses, k, "db_mtl")
         _stacked.check_like_state(updates, state.grad_buffer, "db_mtl")
         dtype = _base.compute_dtype(updates)

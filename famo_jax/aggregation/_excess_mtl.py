@@ -141,11 +141,7 @@ def excess_mtl(
             updates, "excess_mtl", "accumulates every task gradient's squares in its state"
         )
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"excess_mtl was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "excess_mtl")
         _stacked.check_like_state(updates, state.squared_grad_sum, "excess_mtl")
         dtype = _base.compute_dtype(updates)
         squared_sum = jax.tree.map(

@@ -254,11 +254,7 @@ def gradnorm(
     def update_fn(updates, state, params=None, *, losses: Any = None, **extra_args):
         del params, extra_args
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"gradnorm was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "gradnorm")
         losses = _base.check_losses_extra_arg(losses, k, "gradnorm")
         dtype = _base.compute_dtype(updates)
         losses = losses.astype(dtype)

@@ -409,11 +409,7 @@ def gradvac(
                 updates, 'gradvac(algorithm="vectors")', "corrects the task gradients themselves"
             )
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"gradvac was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "gradvac")
         dtype = _base.compute_dtype(updates)
         next_key, orders_key = jax.random.split(state.key)
         if task_orders is None:

@@ -101,7 +101,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from famo_jax import _checks, _numerics
-from famo_jax.aggregation import _base
+from famo_jax.aggregation import _base, _task_gradients
 
 DENSE = "dense"
 BIAS = "bias"
@@ -787,22 +787,7 @@ def _setup(loss_fn, argnums, has_aux, is_shared, budgets, args, kwargs) -> _Setu
         for i, a in enumerate(positions):
             call_args[a] = new[i] if is_sequence else new
         out = loss_fn(*call_args, **kwargs)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    "with has_aux=True, loss_fn must return a pair (losses, aux), "
-                    f"got {type(out).__name__}."
-                )
-            losses, aux = out
-        else:
-            losses, aux = out, None
-        losses = jnp.asarray(losses)
-        if losses.ndim != 1:
-            raise ValueError(
-                "loss_fn must return a 1-D array of task losses, shape (num_tasks,), "
-                f"got shape {losses.shape}."
-            )
-        _checks.check_losses("the losses returned by loss_fn", losses, losses.shape[0])
+        losses, aux = _task_gradients.split_losses_and_aux(out, has_aux)
         aux_leaves, aux_treedef = jax.tree.flatten(aux)
         return [losses, *aux_leaves], aux_treedef
 

@@ -145,11 +145,7 @@ def moco(
         del params, extra_args
         _stacked.reject_implicit(updates, "moco", "tracks every task gradient in its state")
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"moco was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "moco")
         losses = _base.check_losses_extra_arg(losses, k, "moco")
         _stacked.check_like_state(updates, state.tracked, "moco")
         dtype = _base.compute_dtype(updates)

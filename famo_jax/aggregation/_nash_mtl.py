@@ -248,11 +248,8 @@ def nash_mtl(
     def next_weights(gram_fn, k, dtype, state):
         # gram_fn computes the Gram matrix only in the branch that solves, so
         # that updates reusing the weights skip its O(k^2 m) cost.
-        if keeps_alpha and k != num_tasks:
-            raise ValueError(
-                f"nash_mtl was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        if num_tasks is not None:
+            _base.check_built_num_tasks(k, num_tasks, "nash_mtl")
         previous = state.alpha.astype(dtype) if keeps_alpha else jnp.ones((k,), dtype)
 
         def solve(previous):

@@ -232,11 +232,7 @@ def sdmgrad(
     def update_fn(updates, state, params=None, *, weight_batches: Any = None, **extra_args):
         del params, extra_args
         k = _base.num_tasks_of(updates)
-        if k != num_tasks:
-            raise ValueError(
-                f"sdmgrad was built for num_tasks={num_tasks}, got task gradients with a "
-                f"leading axis of size {k}."
-            )
+        _base.check_built_num_tasks(k, num_tasks, "sdmgrad")
         dtype = _base.compute_dtype(updates)
         matrix = _stacked.weight_matrix(updates, weight_batches, dtype, "sdmgrad")
         valid = jnp.all(jnp.isfinite(matrix))

@@ -12,6 +12,27 @@ import jax.numpy as jnp
 from famo_jax import _checks
 
 
+def split_losses_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+    """``loss_fn``'s output as ``(losses, aux)``, checked: a pair if ``has_aux``, 1-D losses."""
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                "with has_aux=True, loss_fn must return a pair (losses, aux), "
+                f"got {type(out).__name__}."
+            )
+        losses, aux = out
+    else:
+        losses, aux = out, None
+    losses = jnp.asarray(losses)
+    if losses.ndim != 1:
+        raise ValueError(
+            "loss_fn must return a 1-D array of task losses, shape (num_tasks,), "
+            f"got shape {losses.shape}."
+        )
+    _checks.check_losses("the losses returned by loss_fn", losses, losses.shape[0])
+    return losses, aux
+
+
 def task_gradients(
     loss_fn: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
@@ -66,22 +87,7 @@ def task_gradients(
 
     def checked(*args, **kwargs):
         out = loss_fn(*args, **kwargs)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    "with has_aux=True, loss_fn must return a pair (losses, aux), "
-                    f"got {type(out).__name__}."
-                )
-            losses, aux = out
-        else:
-            losses, aux = out, None
-        losses = jnp.asarray(losses)
-        if losses.ndim != 1:
-            raise ValueError(
-                "loss_fn must return a 1-D array of task losses, shape (num_tasks,), "
-                f"got shape {losses.shape}."
-            )
-        _checks.check_losses("the losses returned by loss_fn", losses, losses.shape[0])
+        losses, aux = split_losses_and_aux(out, has_aux)
         # The losses ride along as auxiliary output so the forward pass runs once.
         return losses, (losses, aux)
 
