@@ -63,18 +63,8 @@ class RobustFAMOState(NamedTuple):
           >>> state.min_losses.tolist()
           [-1.0, -1.0]
         """
-        shape = jnp.shape(self.min_losses)
-        values = jnp.asarray(min_losses)
-        if values.ndim > 1 or (values.ndim == 1 and values.shape != shape):
-            raise ValueError(
-                f"min_losses must be a scalar or have shape (num_tasks,) = {shape}, got shape "
-                f"{values.shape}."
-            )
-        if not jnp.issubdtype(values.dtype, jnp.number):
-            raise TypeError(f"min_losses must be numbers, got dtype {values.dtype}.")
-        dtype = self.min_losses.dtype
         return self._replace(
-            min_losses=jnp.broadcast_to(values.astype(dtype), shape),
+            min_losses=_checks.new_min_losses(min_losses, self.min_losses),
             num_updates=jnp.zeros_like(self.num_updates),
         )
 

@@ -131,6 +131,20 @@ def check_task_vector(name: str, value: Any, num_tasks: int) -> np.ndarray:
     return array
 
 
+def new_min_losses(min_losses: Any, current: jax.Array) -> jax.Array:
+    """``min_losses`` (a scalar or ``(num_tasks,)``) in the shape and dtype of ``current``."""
+    shape = jnp.shape(current)
+    values = jnp.asarray(min_losses)
+    if values.ndim > 1 or (values.ndim == 1 and values.shape != shape):
+        raise ValueError(
+            f"min_losses must be a scalar or have shape (num_tasks,) = {shape}, got shape "
+            f"{values.shape}."
+        )
+    if not jnp.issubdtype(values.dtype, jnp.number):
+        raise TypeError(f"min_losses must be numbers, got dtype {values.dtype}.")
+    return jnp.broadcast_to(values.astype(current.dtype), shape)
+
+
 def check_losses(name: str, losses: Any, num_tasks: int) -> jax.Array:
     """Checks the static shape and dtype of a loss vector and returns it as an array.
 
